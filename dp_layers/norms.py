@@ -1,0 +1,37 @@
+"""make_norm(kind, channels): the single place where a model's normalization layer is chosen.
+
+Every kind offered here normalizes each example with statistics of that example alone, so it keeps
+per-example sensitivity bounded (unlike BatchNorm on private batches).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+NORM_KINDS = ("none", "group", "layer", "instance")
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm groups: at most 32 (Wu & He 2018) and at least two channels per group.
+
+    The largest divisor of ``channels`` within that bound, so LeNet-5's 6 and 16 channels get 3 and 8
+    groups instead of degenerating into instance norm, and ResNet-18's 64..512 channels get 32.
+    """
+    limit = max(1, min(max_groups, channels // 2))
+    return max(g for g in range(1, limit + 1) if channels % g == 0)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """A normalization layer for ``channels`` feature maps of one example.
+
+    ``layer`` is GroupNorm with one group: LayerNorm over (C, H, W) with a per-channel affine, the form
+    Wu & He (2018) use for convolutional nets, which also does not need the spatial size up front.
+    """
+    if kind == "none":
+        return nn.Identity()
+    if kind == "group":
+        return nn.GroupNorm(group_count(channels), channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    raise ValueError(f"unknown normalization {kind!r}; expected one of {', '.join(NORM_KINDS)}")

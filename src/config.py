@@ -1,0 +1,225 @@
+"""One frozen configuration per run: the single source of truth, saved as config.json and logged to wandb.
+
+Flags the user leaves unset take the dataset's defaults (declared in its module in ``src/``), then the
+global defaults below. Validation here covers everything that does not need the data; checks that
+need the training-set size (delta < 1/n, calibration) live in ``src.privacy.plan_privacy``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from src.errors import UserError
+
+ENGINES = ("hooks", "functorch", "ghost", "non-private")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+NORMS = ("none", "group", "layer", "instance", "bn-public")
+ACTIVATIONS = ("tanh", "relu")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+WANDB_MODES = ("offline", "online", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_ROOT_ENV = "PRV_DATA_ROOT"
+
+# Defaults shared by every dataset; a dataset module's DEFAULTS override these.
+GLOBAL_DEFAULTS: Mapping[str, Any] = {
+    "data_root": "./data",
+    "download": True,
+    "train_subset": None,
+    "test_subset": None,
+    "public_data": None,
+    "public_size": 128,
+    "public_holdout": False,
+    "norm": "none",
+    "act": "tanh",
+    "optimizer": "sgd",
+    "momentum": 0.0,
+    "seed": 0,
+    "device": "auto",
+    "eval_batch_size": 1000,
+    "engine": "ghost",
+    "noise": None,
+    "target_epsilon": None,
+    "delta": 1e-5,
+    "accountant": "rdp",
+    "out": "runs",
+    "run_id": None,
+    "wandb": "offline",
+    "wandb_project": "private_robust_vision",
+    "wandb_group": None,
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+    data_root: str
+    download: bool
+    train_subset: Optional[int]
+    test_subset: Optional[int]
+    public_data: Optional[str]
+    public_size: int
+    public_holdout: bool
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    norm: str
+    act: str
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    physical_batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    seed: int
+    device: str
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    engine: str
+    noise: Optional[float]
+    target_epsilon: Optional[float]
+    delta: float
+    clip: float
+    accountant: str
+
+    @property
+    def private(self) -> bool:
+        return self.engine != "non-private"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    out: str
+    run_id: Optional[str]
+    wandb: str
+    wandb_project: str
+    wandb_group: Optional[str]
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    privacy: PrivacyConfig
+    output: OutputConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        return cls(
+            data=DataConfig(**d["data"]),
+            model=ModelConfig(**d["model"]),
+            train=TrainConfig(**d["train"]),
+            privacy=PrivacyConfig(**d["privacy"]),
+            output=OutputConfig(**d["output"]),
+        )
+
+
+def _section_fields(section) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
+
+
+def resolve_settings(flags: Mapping[str, Any], dataset_defaults: Mapping[str, Any]) -> dict:
+    """Flags the user set win; then the dataset's defaults; then the global ones.
+
+    The physical batch size, when not given, is capped at the logical one. Privacy is the exception to
+    plain layering: ``--noise`` and ``--target-epsilon`` are one choice, so
+    giving either replaces the dataset's default for the pair instead of being combined with it.
+    """
+    settings = dict(GLOBAL_DEFAULTS)
+    settings.update(dataset_defaults)
+    user = {k: v for k, v in flags.items() if v is not None}
+    if "noise" in user or "target_epsilon" in user or user.get("engine") == "non-private":
+        settings["noise"] = None
+        settings["target_epsilon"] = None
+    settings.update(user)
+    if "physical_batch_size" not in user and isinstance(settings.get("batch_size"), int):
+        # The dataset's physical batch is a memory bound: it only shrinks to fit a smaller logical batch.
+        settings["physical_batch_size"] = min(settings["physical_batch_size"], settings["batch_size"])
+    return settings
+
+
+def build_config(flags: Mapping[str, Any], dataset_defaults: Mapping[str, Any]) -> Config:
+    """Resolve defaults and validate; raise UserError with a one-line message on the first problem."""
+    s = resolve_settings(flags, dataset_defaults)
+    sections = {}
+    for name, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig),
+                      ("privacy", PrivacyConfig), ("output", OutputConfig)):
+        missing = [f for f in _section_fields(cls) if f not in s]
+        if missing:
+            raise UserError(f"no value or default for {', '.join('--' + m.replace('_', '-') for m in missing)}")
+        sections[name] = cls(**{f: s[f] for f in _section_fields(cls)})
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def validate(config: Config) -> None:
+    """Every check that needs no data. The messages name the flag so the fix is obvious."""
+    d, m, t, p, o = config.data, config.model, config.train, config.privacy, config.output
+    _require(m.norm in NORMS, f"unknown --norm {m.norm!r}; choose from {', '.join(NORMS)}")
+    _require(m.norm != "bn-public",
+             "--norm bn-public (BatchNorm with public statistics) is not available yet: it arrives with the "
+             "dp_layers work; use --norm none, group, layer or instance")
+    _require(m.act in ACTIVATIONS, f"unknown --act {m.act!r}; choose from {', '.join(ACTIVATIONS)}")
+    _require(t.epochs >= 1, f"--epochs must be at least 1, got {t.epochs}")
+    _require(t.batch_size >= 1, f"--batch-size must be at least 1, got {t.batch_size}")
+    _require(t.physical_batch_size >= 1, f"--physical-batch-size must be at least 1, got {t.physical_batch_size}")
+    _require(t.physical_batch_size <= t.batch_size,
+             f"--physical-batch-size {t.physical_batch_size} is larger than --batch-size {t.batch_size}: "
+             "it bounds the memory of one forward/backward pass and cannot exceed the logical batch")
+    _require(t.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {t.eval_batch_size}")
+    _require(t.optimizer in OPTIMIZERS, f"unknown --optimizer {t.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    _require(t.lr > 0, f"--lr must be positive, got {t.lr}")
+    _require(0 <= t.momentum < 1, f"--momentum must be in [0, 1), got {t.momentum}")
+    _require(not (t.optimizer == "adam" and t.momentum != 0),
+             "--momentum does not apply to --optimizer adam (its betas play that role); drop --momentum")
+    _require(t.seed >= 0, f"--seed must be non-negative, got {t.seed}")
+    _require(t.device in DEVICES, f"unknown --device {t.device!r}; choose from {', '.join(DEVICES)}")
+    _require(d.train_subset is None or d.train_subset >= 1, f"--train-subset must be at least 1, got {d.train_subset}")
+    _require(d.test_subset is None or d.test_subset >= 1, f"--test-subset must be at least 1, got {d.test_subset}")
+    _require(d.public_size >= 1, f"--public-size must be at least 1, got {d.public_size}")
+    _require(not (d.public_holdout and d.public_data),
+             "--public-holdout and --public-data both choose the public set; give one of them")
+    _require(p.engine in ENGINES, f"unknown --engine {p.engine!r}; choose from {', '.join(ENGINES)}")
+    _require(p.accountant in ACCOUNTANTS, f"unknown --accountant {p.accountant!r}; choose from {', '.join(ACCOUNTANTS)}")
+    _require(0 < p.delta < 1, f"--delta must be in (0, 1), got {p.delta}")
+    _require(p.clip > 0, f"--clip must be positive, got {p.clip}")
+    if p.private:
+        _require(not (p.noise is not None and p.target_epsilon is not None),
+                 "give either --noise or --target-epsilon, not both")
+        _require(p.noise is not None or p.target_epsilon is not None,
+                 "a private run needs --noise SIGMA or --target-epsilon EPS")
+        _require(p.noise is None or p.noise > 0,
+                 f"--noise must be positive for a private run, got {p.noise} "
+                 "(noise 0 gives no privacy guarantee: use --engine non-private)")
+        _require(p.target_epsilon is None or p.target_epsilon > 0,
+                 f"--target-epsilon must be positive, got {p.target_epsilon}")
+    else:
+        _require(p.noise is None and p.target_epsilon is None,
+                 "--engine non-private adds no noise: drop --noise/--target-epsilon or pick a private engine")
+    _require(o.wandb in WANDB_MODES, f"unknown --wandb {o.wandb!r}; choose from {', '.join(WANDB_MODES)}")
+    _require(o.run_id is None or (o.run_id.strip() and "/" not in o.run_id and o.run_id not in (".", "..")),
+             f"--run-id must be a plain directory name, got {o.run_id!r}")
+
+
+def flags_from_namespace(args: argparse.Namespace) -> dict:
+    """The settings part of parsed arguments (everything but actions such as --dry-run)."""
+    return {k: v for k, v in vars(args).items() if k not in ("dry_run",)}

@@ -1,0 +1,21 @@
+"""Errors the command line turns into one clear line instead of a traceback."""
+
+
+class UserError(Exception):
+    """Something the user asked for or supplied cannot work: reported in one line, exit code 2."""
+
+
+class DataUnavailable(UserError):
+    """Data files are missing, unreadable or malformed, and could not be downloaded."""
+
+
+class TrainingStopped(Exception):
+    """A run that started but had to stop (for example a loss that turned NaN).
+
+    Carries the ``status`` written to summary.json and a one-line ``reason``.
+    """
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason

@@ -1,0 +1,226 @@
+"""One training loop for both datasets and every engine: Poisson batches, DP step, evaluation, logging."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from tqdm import tqdm
+
+from src import datasets as dataset_registry
+from src.config import Config
+from src.data import DatasetSpec, LoadedData
+from src.errors import TrainingStopped, UserError
+from src.privacy import GDP_NOTE, PrivacyPlan, Training, attach, epsilon_by_accountant, epsilon_from_history, plan_privacy
+from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit, new_run_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Independent streams from one ``--seed``: changing the engine or noise never shifts the batches."""
+
+    model: int
+    sampling: int
+    noise: int
+
+
+def derive_seeds(seed: int) -> Seeds:
+    model, sampling, noise = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(3))
+    return Seeds(model=model, sampling=sampling, noise=noise)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    examples: int
+    steps: int
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, *, batch_size: int, device: torch.device) -> tuple:
+    """(mean cross-entropy, accuracy in %) over ``dataset`` in eval mode; restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            images, labels = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
+            images, labels = images.to(device), labels.to(device)
+            logits = model(images)
+            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+    finally:
+        model.train(was_training)
+    return total_loss / len(dataset), 100.0 * correct / len(dataset)
+
+
+def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """Forward/backward on one physical batch and ``optimizer.step()`` (a real step only at the end of a
+    logical batch). Returns the batch's summed loss and correct count, for logging."""
+    training.optimizer.zero_grad()
+    logits = training.model(images)
+    training.criterion(logits, labels).backward()
+    training.optimizer.step()
+    logits = logits.detach()
+    return (F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0,
+            (logits.argmax(dim=1) == labels).sum().item())
+
+
+def train_epoch(training: Training, *, physical_batch_size: int, device: torch.device, epoch: int,
+                epochs: int, steps_per_epoch: int, first_step: int) -> EpochStats:
+    """One pass of Poisson-sampled logical batches, split into physical batches by BatchMemoryManager."""
+    training.model.train()
+    loss_sum, correct, examples, steps = 0.0, 0, 0, 0
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
+               dynamic_ncols=True, disable=None, file=sys.stderr)
+    # torch notes that the first layer's full backward hook sees no input gradient (inputs are data):
+    # expected under Opacus's hooks, and only noise in the output.
+    with warnings.catch_warnings(), bar, BatchMemoryManager(
+            data_loader=training.train_loader, max_physical_batch_size=physical_batch_size,
+            optimizer=training.optimizer) as physical_batches:
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for images, labels in physical_batches:
+            batch_loss, batch_correct = _physical_step(training, images.to(device), labels.to(device))
+            if not math.isfinite(batch_loss):
+                raise TrainingStopped("diverged", f"training loss became {batch_loss} at step "
+                                      f"{first_step + steps + 1} (epoch {epoch}); lower --lr or --clip")
+            loss_sum, correct, examples = loss_sum + batch_loss, correct + batch_correct, examples + len(labels)
+            if training.took_step():
+                steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / max(examples, 1):.3f}",
+                                acc=f"{100.0 * correct / max(examples, 1):.1f}%", refresh=False)
+    return EpochStats(loss=loss_sum / max(examples, 1), accuracy=100.0 * correct / max(examples, 1),
+                      examples=examples, steps=steps)
+
+
+def _describe(config: Config, plan: PrivacyPlan, data: LoadedData, run_dir: RunDirectory) -> str:
+    privacy = "non-private (no clipping, no noise)"
+    if plan.private:
+        how = f"calibrated for epsilon {config.privacy.target_epsilon:g}" if plan.noise_calibrated else "given"
+        privacy = (f"noise {plan.noise_multiplier:.4g} ({how}), clip {config.privacy.clip:g}, "
+                   f"{config.privacy.accountant} accountant, delta {plan.delta:g}")
+    return (f"run {run_dir.path}: {config.data.dataset}, norm {config.model.norm}, act {config.model.act}, "
+            f"engine {config.privacy.engine}; n={plan.n_train}, batch {plan.batch_size} (q={plan.sample_rate:.5f}), "
+            f"{plan.epochs} epochs x {plan.steps_per_epoch} steps; {privacy}")
+
+
+def run(config: Config, spec: DatasetSpec) -> dict:
+    """Train one configuration end to end and return its summary (also written to summary.json).
+
+    Everything that can be refused (data, privacy plan, output folder) is checked before the run
+    directory exists, so a bad request leaves nothing behind.
+    """
+    started = time.time()
+    device = resolve_device(config.train.device)
+    check_wandb_mode(config.output.wandb)
+    data = spec.load(config.data, dataset_registry.needs_public_data(config))
+    plan = plan_privacy(config, n_train=len(data.train))
+    for note in data.notes:
+        log.warning("%s", note)
+    seeds = derive_seeds(config.train.seed)
+    torch.manual_seed(seeds.model)
+    model = spec.build_model(config.model).to(device)
+    noise_generator = None
+    if plan.private:
+        noise_generator = torch.Generator(device=device)
+        noise_generator.manual_seed(seeds.noise)
+    training = attach(model, data.train, config, plan,
+                      sampling_generator=torch.Generator().manual_seed(seeds.sampling),
+                      noise_generator=noise_generator)
+
+    run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
+    record = {**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(), "plan": plan.to_dict(),
+              "data_notes": data.notes, "public_data": data.public.source if data.public else None,
+              "n_test": len(data.test), "device": str(device)}
+    run_dir.write_config(record)
+    summary = {"run_id": run_dir.run_id, "status": "running", "reason": None, "dataset": config.data.dataset,
+               "norm": config.model.norm, "engine": config.privacy.engine, "accountant": config.privacy.accountant,
+               "delta": plan.delta, "noise_multiplier": plan.noise_multiplier, "n_train": plan.n_train,
+               "sample_rate": plan.sample_rate, "epochs": 0, "steps": 0, "train_loss": None, "train_acc": None,
+               "test_loss": None, "test_acc": None, "epsilon": None if plan.private else math.inf,
+               "epsilon_by_accountant": None, "wall_seconds": 0.0}
+    run_dir.write_summary(summary)
+    tracker = WandbRun.start(mode=config.output.wandb, project=config.output.wandb_project,
+                             group=config.output.wandb_group, run_dir=run_dir.path, run_id=run_dir.run_id,
+                             config=record, tags=[config.data.dataset, f"norm:{config.model.norm}",
+                                                  f"engine:{config.privacy.engine}",
+                                                  f"noise:{plan.noise_multiplier}"])
+    summary["wandb"] = tracker.directory or tracker.error
+    print(_describe(config, plan, data, run_dir), flush=True)
+    if plan.private and config.privacy.accountant == "gdp":
+        print(f"note: {GDP_NOTE}", flush=True)
+
+    try:
+        step = 0
+        for epoch in range(1, config.train.epochs + 1):
+            epoch_started = time.time()
+            stats = train_epoch(training, physical_batch_size=config.train.physical_batch_size, device=device,
+                                epoch=epoch, epochs=config.train.epochs, steps_per_epoch=plan.steps_per_epoch,
+                                first_step=step)
+            step += stats.steps
+            test_loss, test_acc = evaluate(training.model, data.test, batch_size=config.train.eval_batch_size,
+                                           device=device)
+            epsilon = (epsilon_from_history(config.privacy.accountant, training.history(), plan.delta)
+                       if plan.private else math.inf)
+            row = {"epoch": epoch, "step": step, "train_loss": stats.loss, "train_acc": stats.accuracy,
+                   "test_loss": test_loss, "test_acc": test_acc, "epsilon": epsilon,
+                   "seconds": time.time() - epoch_started}
+            run_dir.append_metrics(row)
+            run_dir.save_model(training.base_model.state_dict())
+            tracker.log(row, step=step)
+            summary.update(epochs=epoch, steps=step, train_loss=stats.loss, train_acc=stats.accuracy,
+                           test_loss=test_loss, test_acc=test_acc, epsilon=epsilon,
+                           wall_seconds=time.time() - started)
+            run_dir.write_summary(summary)
+            eps_text = f"eps {epsilon:.3f} ({config.privacy.accountant})" if plan.private else "non-private"
+            tqdm.write(f"epoch {epoch}/{config.train.epochs}  loss {stats.loss:.4f}  train {stats.accuracy:.2f}%  "
+                       f"test {test_acc:.2f}%  {eps_text}  {row['seconds']:.1f}s", file=sys.stdout)
+            if not math.isfinite(test_loss):
+                raise TrainingStopped("diverged", f"test loss became {test_loss} after epoch {epoch}; lower --lr")
+        summary["status"] = "finished"
+    except TrainingStopped as stop:
+        summary.update(status=stop.status, reason=stop.reason)
+        log.error("run stopped: %s", stop.reason)
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", reason="interrupted by the user (KeyboardInterrupt)")
+    except Exception as error:
+        summary.update(status="failed", reason=f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        if plan.private:
+            summary["epsilon_by_accountant"] = epsilon_by_accountant(training.history(), plan.delta)
+        summary["wall_seconds"] = time.time() - started
+        run_dir.write_summary(summary)
+        tracker.finish(summary, exit_code=exit_code_for(summary))
+    if summary["status"] == "finished":
+        by_acc = summary["epsilon_by_accountant"] or {}
+        extra = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in by_acc.items())
+        print(f"finished: test accuracy {summary['test_acc']:.2f}%"
+              + (f", epsilon {summary['epsilon']:.3f} at delta {plan.delta:g} ({extra})" if plan.private else "")
+              + f"; {run_dir.path}", flush=True)
+    return summary
+
+
+def exit_code_for(summary: dict) -> int:
+    """0 for a finished run, 130 for an interrupted one, 1 for one that stopped or failed."""
+    return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)

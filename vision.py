@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""Train a differentially private image classifier: flags -> validated config -> dataset module -> training.
+
+    python vision.py --dataset mnist                       # LeNet-5, DP-SGD at the MNIST defaults
+    python vision.py --dataset cifar10 --noise 1.0         # ResNet-18
+    python vision.py --dataset mnist --dry-run             # the privacy plan as JSON, no data loaded
+"""
+import json
+import logging
+import sys
+
+
+def main(argv=None) -> int:
+    from src.cli import parse_flags, report_error
+    from src.config import build_config
+    from src.errors import UserError
+
+    flags, dry_run = parse_flags(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    try:
+        from src.datasets import get_dataset, validate_for_dataset
+
+        spec = get_dataset(flags["dataset"])
+        config = build_config(flags, spec.defaults)
+        validate_for_dataset(config, spec)
+        if dry_run:
+            from src.plan import dry_run_report
+
+            print(json.dumps(dry_run_report(config, spec), allow_nan=False))
+            return 0
+        from src.train import exit_code_for, run
+
+        return exit_code_for(run(config, spec))
+    except UserError as error:
+        return report_error(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
