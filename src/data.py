@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -209,15 +210,17 @@ def load_public_file(spec: str, image_shape: tuple, size: int) -> PublicData:
         raise DataUnavailable(f"--public-data file {path} does not exist")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                loaded = {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise DataUnavailable(f"--public-data file {path} is unreadable ({type(error).__name__}: {error})") from None
     if isinstance(loaded, np.ndarray):
         if key is not None:
             raise UserError(f"--public-data {spec}: a .npy file holds one array; drop ':{key}'")
         array, name = loaded, path
     else:
-        with loaded:
-            arrays = {k: loaded[k] for k in loaded.files}
+        arrays = loaded
         if key is not None:
             if key not in arrays:
                 raise UserError(f"--public-data {path} has no array {key!r}; it holds {', '.join(arrays) or 'nothing'}")

@@ -1,0 +1,1 @@
+"""Sweeps, result tables and figures: arrive with the experiments issue."""

@@ -1,0 +1,1 @@
+"""The spine: configuration, per-dataset modules, privacy setup, the training loop and run tracking."""
