@@ -9,7 +9,7 @@ from __future__ import annotations
 from torchvision import datasets
 
 from src.data import (DatasetSpec, ImageTensorDataset, LoadedData, PublicData, load_cifar10_split,
-                      load_public_file, load_torchvision, subset_first, tensors_from_torchvision)
+                      load_public_file, load_public_torchvision, subset_first, tensors_from_torchvision)
 from src.errors import UserError
 from src.models import ResNet18
 
@@ -35,17 +35,6 @@ def build_model(model_config):
     return ResNet18(norm=model_config.norm, act=model_config.act, mean=MEAN, std=STD)
 
 
-def _cifar100_public(data_config) -> PublicData:
-    cifar100 = load_torchvision(datasets.CIFAR100, data_config.data_root, train=True,
-                                download=data_config.download, folder="cifar-100-python")
-    images, _ = tensors_from_torchvision(cifar100, IMAGE_SHAPE)
-    if data_config.public_size > len(images):
-        raise UserError(f"--public-size {data_config.public_size} asks for more than the {len(images)} CIFAR-100 "
-                        "training images")
-    return PublicData(images=images[:data_config.public_size].clone(),
-                      source=f"CIFAR-100 train (first {data_config.public_size})")
-
-
 def load(data_config, with_public: bool) -> LoadedData:
     notes: list = []
     root, download = data_config.data_root, data_config.download
@@ -65,7 +54,9 @@ def load(data_config, with_public: bool) -> LoadedData:
         notes.append(f"public hold-out: {k} CIFAR-10 training images removed from the private set")
     elif with_public:
         public = (load_public_file(data_config.public_data, IMAGE_SHAPE, data_config.public_size)
-                  if data_config.public_data else _cifar100_public(data_config))
+                  if data_config.public_data else
+                  load_public_torchvision(datasets.CIFAR100, data_config, image_shape=IMAGE_SHAPE,
+                                          folder="cifar-100-python"))
     train = subset_first(ImageTensorDataset(train_images, train_labels), data_config.train_subset, "--train-subset")
     test = subset_first(test, data_config.test_subset, "--test-subset")
     return LoadedData(train=train, test=test, public=public, notes=notes)

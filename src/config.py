@@ -6,7 +6,6 @@ need the training-set size (delta < 1/n, calibration) live in ``src.privacy.plan
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -218,8 +217,3 @@ def validate(config: Config) -> None:
     _require(o.wandb in WANDB_MODES, f"unknown --wandb {o.wandb!r}; choose from {', '.join(WANDB_MODES)}")
     _require(o.run_id is None or (o.run_id.strip() and "/" not in o.run_id and o.run_id not in (".", "..")),
              f"--run-id must be a plain directory name, got {o.run_id!r}")
-
-
-def flags_from_namespace(args: argparse.Namespace) -> dict:
-    """The settings part of parsed arguments (everything but actions such as --dry-run)."""
-    return {k: v for k, v in vars(args).items() if k not in ("dry_run",)}

@@ -5,7 +5,6 @@ inside the model so that attacks can work in pixel space (conventions.md, MadryL
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import zipfile
@@ -20,7 +19,6 @@ from torchvision import datasets
 
 from src.errors import DataUnavailable, UserError
 
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = ("get the files with `python <shared>/data/install_data.py {root}` (offline bundle) "
                 "or rerun on a machine with network access")
@@ -189,6 +187,17 @@ def tensors_from_torchvision(dataset, image_shape: tuple) -> tuple:
     images = to_nchw_uint8(data, image_shape, type(dataset).__name__)
     labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64)
     return images, labels
+
+
+def load_public_torchvision(dataset_class, data_config, *, image_shape: tuple, folder: str) -> PublicData:
+    """The first ``--public-size`` training images of another torchvision dataset (KMNIST, CIFAR-100)."""
+    dataset = load_torchvision(dataset_class, data_config.data_root, train=True, download=data_config.download,
+                               folder=folder)
+    images, _ = tensors_from_torchvision(dataset, image_shape)
+    size, name = data_config.public_size, dataset_class.__name__
+    if size > len(images):
+        raise UserError(f"--public-size {size} asks for more than the {len(images)} {name} training images")
+    return PublicData(images=images[:size].clone(), source=f"{name} train (first {size})")
 
 
 def parse_public_path(spec: str) -> tuple:

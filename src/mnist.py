@@ -4,8 +4,7 @@ from __future__ import annotations
 from torchvision import datasets
 
 from src.data import (DatasetSpec, ImageTensorDataset, LoadedData, PublicData, load_public_file,
-                      load_torchvision, subset_first, tensors_from_torchvision)
-from src.errors import UserError
+                      load_public_torchvision, load_torchvision, subset_first, tensors_from_torchvision)
 from src.models import LeNet5
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -38,14 +37,7 @@ def _split(root, *, train, download):
 def _public(data_config) -> PublicData:
     if data_config.public_data:
         return load_public_file(data_config.public_data, IMAGE_SHAPE, data_config.public_size)
-    kmnist = load_torchvision(datasets.KMNIST, data_config.data_root, train=True,
-                              download=data_config.download, folder="KMNIST/raw")
-    images, _ = tensors_from_torchvision(kmnist, IMAGE_SHAPE)
-    if data_config.public_size > len(images):
-        raise UserError(f"--public-size {data_config.public_size} asks for more than the {len(images)} KMNIST "
-                        "training images")
-    return PublicData(images=images[:data_config.public_size].clone(),
-                      source=f"KMNIST train (first {data_config.public_size})")
+    return load_public_torchvision(datasets.KMNIST, data_config, image_shape=IMAGE_SHAPE, folder="KMNIST/raw")
 
 
 def load(data_config, with_public: bool) -> LoadedData:

@@ -7,7 +7,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from src import datasets as dataset_registry
 from src.config import Config
-from src.data import DatasetSpec, LoadedData
+from src.data import DatasetSpec
 from src.errors import TrainingStopped, UserError
 from src.privacy import GDP_NOTE, PrivacyPlan, Training, attach, epsilon_by_accountant, epsilon_from_history, plan_privacy
 from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit, new_run_id
@@ -113,7 +112,7 @@ def train_epoch(training: Training, *, physical_batch_size: int, device: torch.d
                       examples=examples, steps=steps)
 
 
-def _describe(config: Config, plan: PrivacyPlan, data: LoadedData, run_dir: RunDirectory) -> str:
+def _describe(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> str:
     privacy = "non-private (no clipping, no noise)"
     if plan.private:
         how = f"calibrated for epsilon {config.privacy.target_epsilon:g}" if plan.noise_calibrated else "given"
@@ -121,7 +120,7 @@ def _describe(config: Config, plan: PrivacyPlan, data: LoadedData, run_dir: RunD
                    f"{config.privacy.accountant} accountant, delta {plan.delta:g}")
     return (f"run {run_dir.path}: {config.data.dataset}, norm {config.model.norm}, act {config.model.act}, "
             f"engine {config.privacy.engine}; n={plan.n_train}, batch {plan.batch_size} (q={plan.sample_rate:.5f}), "
-            f"{plan.epochs} epochs x {plan.steps_per_epoch} steps; {privacy}")
+            f"{plan.epochs} epoch(s) x {plan.steps_per_epoch} steps; {privacy}")
 
 
 def run(config: Config, spec: DatasetSpec) -> dict:
@@ -166,7 +165,7 @@ def run(config: Config, spec: DatasetSpec) -> dict:
                                                   f"engine:{config.privacy.engine}",
                                                   f"noise:{plan.noise_multiplier}"])
     summary["wandb"] = tracker.directory or tracker.error
-    print(_describe(config, plan, data, run_dir), flush=True)
+    print(_describe(config, plan, run_dir), flush=True)
     if plan.private and config.privacy.accountant == "gdp":
         print(f"note: {GDP_NOTE}", flush=True)
 

@@ -2,7 +2,6 @@
 no traceback, and no run directory left behind."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
