@@ -49,6 +49,11 @@ class ImageTensorDataset(Dataset):
         index = torch.as_tensor(list(indices), dtype=torch.int64)
         return self.images[index].float().div_(255), self.labels[index]
 
+    def batches(self, batch_size: int):
+        """Consecutive (images, labels) batches in order, for evaluation."""
+        for start in range(0, len(self), batch_size):
+            yield self.images[start:start + batch_size].float().div_(255), self.labels[start:start + batch_size]
+
 
 def collate_batch(batch):
     """``ImageTensorDataset.__getitems__`` already returns the collated (images, labels) pair."""

@@ -61,8 +61,7 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int, device: torch.
     model.eval()
     total_loss, correct = 0.0, 0
     try:
-        for start in range(0, len(dataset), batch_size):
-            images, labels = dataset.__getitems__(range(start, min(start + batch_size, len(dataset))))
+        for images, labels in dataset.batches(batch_size):
             images, labels = images.to(device), labels.to(device)
             logits = model(images)
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()

@@ -116,3 +116,6 @@ def test_batched_fetch_matches_single_items():
     assert 0.0 <= batch_images.min() and batch_images.max() <= 1.0
     empty_images, empty_labels = dataset.__getitems__([])
     assert empty_images.shape == (0, 1, 4, 4) and empty_labels.shape == (0,)
+    chunks = list(dataset.batches(4))
+    assert [len(labels) for _, labels in chunks] == [4, 4, 2]
+    assert torch.equal(torch.cat([images for images, _ in chunks]), dataset.__getitems__(range(10))[0])
