@@ -4,6 +4,7 @@
     python vision.py --dataset mnist                       # LeNet-5, DP-SGD at the MNIST defaults
     python vision.py --dataset cifar10 --noise 1.0         # ResNet-18
     python vision.py --dataset mnist --dry-run             # the privacy plan as JSON, no data loaded
+    python vision.py --dataset cifar10 --explain-engine    # per-layer per-sample gradient norm methods
 """
 import json
 import logging
@@ -15,7 +16,7 @@ def main(argv=None) -> int:
     from src.config import build_config
     from src.errors import UserError
 
-    flags, dry_run = parse_flags(argv)
+    flags, actions = parse_flags(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
     try:
         from src.datasets import get_dataset, validate_for_dataset
@@ -23,10 +24,15 @@ def main(argv=None) -> int:
         spec = get_dataset(flags["dataset"])
         config = build_config(flags, spec.defaults)
         validate_for_dataset(config, spec)
-        if dry_run:
+        if actions["dry_run"]:
             from src.plan import dry_run_report
 
             print(json.dumps(dry_run_report(config, spec), allow_nan=False))
+            return 0
+        if actions["explain_engine"]:
+            from src.plan import engine_table
+
+            print(engine_table(config, spec))
             return 0
         from src.train import exit_code_for, run
 

@@ -1,13 +1,16 @@
 """make_norm(kind, channels): the single place where a model's normalization layer is chosen.
 
-Every kind offered here normalizes each example with statistics of that example alone, so it keeps
-per-example sensitivity bounded (unlike BatchNorm on private batches).
+Every kind offered here normalizes an example with statistics of that example alone (group, layer,
+instance) or of public data alone (bn-public), so per-example sensitivity stays bounded; BatchNorm on
+private batches is never offered.
 """
 from __future__ import annotations
 
 from torch import nn
 
-NORM_KINDS = ("none", "group", "layer", "instance")
+from dp_layers.public_bn import PublicBatchNorm
+
+NORM_KINDS = ("none", "group", "layer", "instance", "bn-public")
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -34,4 +37,6 @@ def make_norm(kind: str, channels: int) -> nn.Module:
         return nn.GroupNorm(1, channels)
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "bn-public":
+        return PublicBatchNorm(channels)
     raise ValueError(f"unknown normalization {kind!r}; expected one of {', '.join(NORM_KINDS)}")

@@ -56,7 +56,9 @@ def load(data_config, with_public: bool) -> LoadedData:
         public = (load_public_file(data_config.public_data, IMAGE_SHAPE, data_config.public_size)
                   if data_config.public_data else
                   load_public_torchvision(datasets.CIFAR100, data_config, image_shape=IMAGE_SHAPE,
-                                          folder="cifar-100-python"))
+                                          folder="cifar-100-python",
+                                          alternative="use --public-holdout (a slice of the CIFAR-10 training "
+                                                      "set) or --public-data FILE.npz[:KEY]"))
     train = subset_first(ImageTensorDataset(train_images, train_labels), data_config.train_subset, "--train-subset")
     test = subset_first(test, data_config.test_subset, "--test-subset")
     return LoadedData(train=train, test=test, public=public, notes=notes)

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", required=True, choices=("mnist", "cifar10"))
     parser.add_argument("--dry-run", action="store_true",
                         help="print the privacy plan as one JSON object and exit, without loading data")
+    parser.add_argument("--explain-engine", action="store_true",
+                        help="print how the engine computes each layer's per-sample gradient norms and exit")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-root", default=None,
@@ -84,10 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--momentum", type=_number)
     train.add_argument("--seed", type=_integer)
     train.add_argument("--device", choices=DEVICES)
+    train.add_argument("--public-refresh-every", type=_integer, metavar="STEPS",
+                       help="--norm bn-public: recompute the public statistics every STEPS optimizer steps "
+                            "(default 1: before every step, as the weights change)")
 
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument("--engine", choices=ENGINES,
-                         help="per-sample gradient engine (Opacus grad_sample_mode), or non-private training")
+                         help="per-sample gradient engine: Opacus's hooks, functorch or ghost; mixed-ghost (ghost "
+                              "clipping with norm rules for every layer); bk (book-keeping, one backward pass); "
+                              "or non-private training")
     privacy.add_argument("--noise", type=_number, metavar="SIGMA", help="noise multiplier")
     privacy.add_argument("--target-epsilon", type=_number, metavar="EPS",
                          help="calibrate the noise so that epsilon after all epochs is at most EPS")
@@ -105,12 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_flags(argv=None) -> tuple:
-    """(settings the user gave, dry_run) with the data-root environment variable applied."""
+    """(settings the user gave, {action: bool}) with the data-root environment variable applied."""
     args = build_parser().parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k != "dry_run"}
+    actions = {"dry_run": args.dry_run, "explain_engine": args.explain_engine}
+    flags = {k: v for k, v in vars(args).items() if k not in actions}
     if flags["data_root"] is None and os.environ.get(DATA_ROOT_ENV):
         flags["data_root"] = os.environ[DATA_ROOT_ENV]
-    return flags, args.dry_run
+    return flags, actions
 
 
 def report_error(message: str) -> int:

@@ -194,10 +194,15 @@ def tensors_from_torchvision(dataset, image_shape: tuple) -> tuple:
     return images, labels
 
 
-def load_public_torchvision(dataset_class, data_config, *, image_shape: tuple, folder: str) -> PublicData:
-    """The first ``--public-size`` training images of another torchvision dataset (KMNIST, CIFAR-100)."""
-    dataset = load_torchvision(dataset_class, data_config.data_root, train=True, download=data_config.download,
-                               folder=folder)
+def load_public_torchvision(dataset_class, data_config, *, image_shape: tuple, folder: str,
+                            alternative: str) -> PublicData:
+    """The first ``--public-size`` training images of another torchvision dataset (KMNIST, CIFAR-100);
+    when it is missing, the error names ``alternative`` ways to supply a public set."""
+    try:
+        dataset = load_torchvision(dataset_class, data_config.data_root, train=True,
+                                   download=data_config.download, folder=folder)
+    except DataUnavailable as missing:
+        raise DataUnavailable(f"public data: {missing}; or {alternative}") from None
     images, _ = tensors_from_torchvision(dataset, image_shape)
     size, name = data_config.public_size, dataset_class.__name__
     if size > len(images):

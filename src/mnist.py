@@ -37,7 +37,9 @@ def _split(root, *, train, download):
 def _public(data_config) -> PublicData:
     if data_config.public_data:
         return load_public_file(data_config.public_data, IMAGE_SHAPE, data_config.public_size)
-    return load_public_torchvision(datasets.KMNIST, data_config, image_shape=IMAGE_SHAPE, folder="KMNIST/raw")
+    return load_public_torchvision(datasets.KMNIST, data_config, image_shape=IMAGE_SHAPE, folder="KMNIST/raw",
+                                   alternative="pass --public-data FILE.npz[:KEY] (any uint8 28x28 images, "
+                                               "e.g. KMNIST/kmnist_partial.npz with --public-size 105)")
 
 
 def load(data_config, with_public: bool) -> LoadedData:

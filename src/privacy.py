@@ -20,10 +20,13 @@ from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dp_layers.bk import BookKeepingGradSampleModule, BookKeepingLoss
+from dp_layers.norm_rules import OPACUS_NORM_SAMPLERS
 from src.config import ACCOUNTANTS, Config
 from src.data import collate_batch
 from src.errors import UserError
@@ -260,6 +263,7 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
     optimizer = make_optimizer(model, config.train)
     loader = DataLoader(train_set, batch_size=config.train.batch_size, generator=sampling_generator,
                         collate_fn=collate_batch)
+    engine_name = config.privacy.engine
     if not plan.private:
         poisson_loader = DPDataLoader.from_data_loader(loader)
         _check_schedule(poisson_loader, plan)
@@ -267,20 +271,50 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
                         criterion=SumOverExpectedBatch(plan.expected_batch_size), privacy_engine=None)
     with _quiet_accounting():
         engine = PrivacyEngine(accountant=config.privacy.accountant)
-        wrapped = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
-            noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip,
-            poisson_sampling=True, grad_sample_mode=config.privacy.engine, noise_generator=noise_generator)
-    if config.privacy.engine == "ghost":
+        if engine_name == "bk":
+            training = _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator)
+        else:
+            training = _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generator)
+    _check_schedule(training.train_loader, plan)
+    if training.optimizer.expected_batch_size != plan.expected_batch_size:
+        raise RuntimeError(f"Opacus averages over {training.optimizer.expected_batch_size} examples, the plan "
+                           f"over {plan.expected_batch_size}")
+    return training
+
+
+def _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generator) -> Training:
+    """hooks, functorch, ghost and mixed-ghost: ``PrivacyEngine.make_private`` with Opacus's modes."""
+    engine_name = config.privacy.engine
+    mode = "ghost" if engine_name == "mixed-ghost" else engine_name
+    wrapped = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip, poisson_sampling=True,
+        grad_sample_mode=mode, noise_generator=noise_generator)
+    if mode == "ghost":
         private_model, dp_optimizer, criterion, poisson_loader = wrapped
+        if engine_name == "ghost":
+            # Stock Opacus: only its own norm rules, not the ones dp_layers registered in this process.
+            private_model.NORM_SAMPLERS = dict(OPACUS_NORM_SAMPLERS)
     else:
         (private_model, dp_optimizer, poisson_loader), criterion = wrapped, nn.CrossEntropyLoss()
-    _check_schedule(poisson_loader, plan)
-    if dp_optimizer.expected_batch_size != plan.expected_batch_size:
-        raise RuntimeError(f"Opacus averages over {dp_optimizer.expected_batch_size} examples, the plan over "
-                           f"{plan.expected_batch_size}")
     return Training(model=private_model, optimizer=dp_optimizer, train_loader=poisson_loader,
                     criterion=criterion, privacy_engine=engine)
+
+
+def _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator) -> Training:
+    """bk: the same Opacus parts that ``make_private`` assembles for ghost clipping (Poisson loader,
+    fast-gradient-clipping optimizer, accountant hook), around the book-keeping module."""
+    poisson_loader = DPDataLoader.from_data_loader(loader)
+    sample_rate = 1 / len(loader)
+    module = BookKeepingGradSampleModule(model, loss_reduction="mean", max_grad_norm=config.privacy.clip)
+    module.forbid_grad_accumulation()
+    dp_optimizer = DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip,
+        expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean",
+        generator=noise_generator)
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return Training(model=module, optimizer=dp_optimizer, train_loader=poisson_loader,
+                    criterion=BookKeepingLoss(module, nn.CrossEntropyLoss()), privacy_engine=engine)
 
 
 def _check_schedule(poisson_loader, plan: PrivacyPlan) -> None:

@@ -1,12 +1,14 @@
 """One training loop for both datasets and every engine: Poisson batches, DP step, evaluation, logging."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tqdm import tqdm
 
+from dp_layers import has_public_batchnorm, refresh_public_statistics
 from src import datasets as dataset_registry
 from src.config import Config
 from src.data import DatasetSpec
@@ -84,10 +87,17 @@ def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tenso
 
 
 def train_epoch(training: Training, *, physical_batch_size: int, device: torch.device, epoch: int,
-                epochs: int, steps_per_epoch: int, first_step: int) -> EpochStats:
-    """One pass of Poisson-sampled logical batches, split into physical batches by BatchMemoryManager."""
+                epochs: int, steps_per_epoch: int, first_step: int,
+                refresh_public: Optional[Callable[[], None]] = None, refresh_every: int = 1) -> EpochStats:
+    """One pass of Poisson-sampled logical batches, split into physical batches by BatchMemoryManager.
+
+    ``refresh_public`` (bn-public models) recomputes the public BatchNorm statistics before the first
+    physical batch of every ``refresh_every``-th logical batch, so each step normalizes with statistics
+    of the current weights.
+    """
     training.model.train()
     loss_sum, correct, examples, steps = 0.0, 0, 0, 0
+    starts_logical_batch = True
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
                dynamic_ncols=True, disable=None, file=sys.stderr)
     # torch notes that the first layer's full backward hook sees no input gradient (inputs are data):
@@ -97,18 +107,29 @@ def train_epoch(training: Training, *, physical_batch_size: int, device: torch.d
             optimizer=training.optimizer) as physical_batches:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for images, labels in physical_batches:
+            if refresh_public is not None and starts_logical_batch and (first_step + steps) % refresh_every == 0:
+                refresh_public()
             batch_loss, batch_correct = _physical_step(training, images.to(device), labels.to(device))
             if not math.isfinite(batch_loss):
                 raise TrainingStopped("diverged", f"training loss became {batch_loss} at step "
                                       f"{first_step + steps + 1} (epoch {epoch}); lower --lr or --clip")
             loss_sum, correct, examples = loss_sum + batch_loss, correct + batch_correct, examples + len(labels)
-            if training.took_step():
+            starts_logical_batch = training.took_step()
+            if starts_logical_batch:
                 steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(examples, 1):.3f}",
                                 acc=f"{100.0 * correct / max(examples, 1):.1f}%", refresh=False)
     return EpochStats(loss=loss_sum / max(examples, 1), accuracy=100.0 * correct / max(examples, 1),
                       examples=examples, steps=steps)
+
+
+def public_refresher(training: Training, data, device: torch.device) -> Optional[Callable[[], None]]:
+    """For bn-public models: a call that recomputes the public BatchNorm statistics for the current weights."""
+    if not has_public_batchnorm(training.base_model):
+        return None
+    public_images = data.public.images.float().div(255).to(device)
+    return functools.partial(refresh_public_statistics, training.base_model, public_images)
 
 
 def _describe(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> str:
@@ -145,6 +166,7 @@ def run(config: Config, spec: DatasetSpec) -> dict:
     training = attach(model, data.train, config, plan,
                       sampling_generator=torch.Generator().manual_seed(seeds.sampling),
                       noise_generator=noise_generator)
+    refresh_public = public_refresher(training, data, device)
 
     run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
     record = {**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(), "plan": plan.to_dict(),
@@ -174,8 +196,11 @@ def run(config: Config, spec: DatasetSpec) -> dict:
             epoch_started = time.time()
             stats = train_epoch(training, physical_batch_size=config.train.physical_batch_size, device=device,
                                 epoch=epoch, epochs=config.train.epochs, steps_per_epoch=plan.steps_per_epoch,
-                                first_step=step)
+                                first_step=step, refresh_public=refresh_public,
+                                refresh_every=config.train.public_refresh_every)
             step += stats.steps
+            if refresh_public is not None:
+                refresh_public()  # evaluate and save with the statistics of the final weights
             test_loss, test_acc = evaluate(training.model, data.test, batch_size=config.train.eval_batch_size,
                                            device=device)
             epsilon = (epsilon_from_history(config.privacy.accountant, training.history(), plan.delta)

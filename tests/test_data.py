@@ -56,7 +56,7 @@ def test_default_public_sets_come_from_torchvision(tiny_root):
     assert loaded.public.images.shape == (100, 1, 28, 28) and "KMNIST" in loaded.public.source
     with pytest.raises(UserError, match="more than the 140 KMNIST"):
         mnist.load(data_config("mnist", tiny_root, public_size=141), with_public=True)
-    with pytest.raises(DataUnavailable, match="CIFAR100 not found in .*cifar-100-python"):
+    with pytest.raises(DataUnavailable, match="CIFAR100 not found in .*cifar-100-python.*--public-holdout"):
         cifar10.load(data_config("cifar10", tiny_root), with_public=True)
 
 

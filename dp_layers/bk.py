@@ -1,0 +1,198 @@
+"""Book-keeping DP-SGD (Bu et al. 2023): clipped gradients from one backward pass.
+
+Ghost clipping needs two backward passes: one for the per-sample norms, one for the reweighted loss.
+Book-keeping needs one, and not even a full one. The backward pass is asked for the gradient of the
+input only, so autograd propagates output gradients through the network but never forms a weight
+gradient. On the way, each layer's hook computes its per-sample gradient norms (ghost or instantiated,
+``dp_layers.norm_rules``) and keeps what it needs to form its clipped gradient sum later: the per-sample
+gradients where they were instantiated (early, wide-image layers), or its input and output gradient
+where the ghost norm was used. Once all norms are known, every layer's ``sum_i c_i g_i`` is one
+weight-gradient computation with the output gradients scaled by the clipping factors ``c_i``.
+
+It plugs into Opacus as a ``GradSampleModuleFastGradientClipping`` subclass, so Opacus's DP optimizer
+adds the noise and its accountant counts the steps.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+from opacus.utils.module_utils import trainable_parameters
+from torch import nn
+
+from dp_layers.norm_rules import CONV_TYPES, conv_factors, conv_plan, conv_weight_norms
+
+ClippedSum = Callable[[torch.Tensor], Dict[nn.Parameter, torch.Tensor]]
+CONV_WEIGHT_GRADIENT = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2d_weight,
+                        nn.Conv3d: torch.nn.grad.conv3d_weight}
+
+
+def _weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("b,b...->...", coef.to(per_sample.dtype), per_sample)
+
+
+def _scale(backprops: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    return backprops * coef.to(backprops.dtype).view(-1, *([1] * (backprops.dim() - 1)))
+
+
+def linear_rule(layer: nn.Linear, activations: List[torch.Tensor], backprops: torch.Tensor) -> tuple:
+    """For (B, features) inputs the norms factorise: ||g_i a_i^T|| = ||g_i|| ||a_i||."""
+    a = activations[0].to(backprops.dtype)
+    if a.dim() != 2:
+        return generic_rule(layer, activations, backprops)
+    norms = {}
+    if layer.weight.requires_grad:
+        norms[layer.weight] = backprops.norm(2, dim=1) * a.norm(2, dim=1)
+    if layer.bias is not None and layer.bias.requires_grad:
+        norms[layer.bias] = backprops.norm(2, dim=1)
+
+    def clipped_sum(coef):
+        scaled = _scale(backprops, coef)
+        grads = {}
+        if layer.weight.requires_grad:
+            grads[layer.weight] = scaled.t() @ a
+        if layer.bias is not None and layer.bias.requires_grad:
+            grads[layer.bias] = scaled.sum(dim=0)
+        return grads
+
+    return norms, clipped_sum
+
+
+def conv_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor) -> tuple:
+    x = activations[0].to(backprops.dtype)
+    u, g = conv_factors(layer, x, backprops)
+    plan = conv_plan(layer, x.shape)
+    norms, per_sample = {}, None
+    if layer.weight.requires_grad:
+        norms[layer.weight], per_sample = conv_weight_norms(plan, u, g)
+    bias_per_sample = None
+    if layer.bias is not None and layer.bias.requires_grad:
+        bias_per_sample = g.sum(dim=3).reshape(len(g), -1)
+        norms[layer.bias] = bias_per_sample.norm(2, dim=1)
+    del u, g  # the unfolded input is the big temporary: keep only what the clipped sum needs
+
+    def clipped_sum(coef):
+        grads = {}
+        if layer.weight.requires_grad:
+            if per_sample is not None:
+                grads[layer.weight] = _weighted_sum(per_sample, coef).reshape(layer.weight.shape)
+            else:
+                grads[layer.weight] = CONV_WEIGHT_GRADIENT[type(layer)](
+                    x, layer.weight.shape, _scale(backprops, coef), stride=layer.stride, padding=layer.padding,
+                    dilation=layer.dilation, groups=layer.groups)
+        if bias_per_sample is not None:
+            grads[layer.bias] = _weighted_sum(bias_per_sample, coef)
+        return grads
+
+    return norms, clipped_sum
+
+
+def generic_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor) -> tuple:
+    """Any other layer: its registered Opacus grad sampler (or functorch) gives per-sample gradients,
+    cheap for the small norm and affine layers this covers."""
+    sampler = BookKeepingGradSampleModule.GRAD_SAMPLERS.get(type(layer), ft_compute_per_sample_gradient)
+    per_sample = sampler(layer, activations, backprops)
+    norms = {p: gs.reshape(len(gs), -1).norm(2, dim=1) for p, gs in per_sample.items()}
+    return norms, lambda coef: {p: _weighted_sum(gs, coef) for p, gs in per_sample.items()}
+
+
+def _empty_batch_rule(layer: nn.Module, backprops: torch.Tensor) -> tuple:
+    params = [p for _, p in trainable_parameters(layer)]
+
+    def clipped_sum(coef):
+        return {p: torch.zeros_like(p) for p in params}
+
+    return {p: backprops.new_zeros(0) for p in params}, clipped_sum
+
+
+def _rule_for(layer: nn.Module):
+    if isinstance(layer, nn.Linear):
+        return linear_rule
+    if isinstance(layer, CONV_TYPES) and not isinstance(layer.padding, str):
+        return conv_rule
+    return generic_rule
+
+
+class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
+    """Opacus fast-gradient-clipping module whose backward hooks do the book-keeping (module doc).
+
+    ``clipped_backward(per_sample_losses)`` runs the single backward pass and leaves ``sum_i c_i g_i`` in
+    every parameter's ``.grad``, as the second backward of ghost clipping would.
+    """
+
+    def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
+                 max_grad_norm: float = 1.0, strict: bool = True):
+        super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict,
+                         max_grad_norm=max_grad_norm, use_ghost_clipping=True)
+        self._clipped_sums: List[ClippedSum] = []
+        self._anchor = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and self.hooks_enabled:
+            # Asking the backward pass for the input's gradient alone makes autograd skip weight gradients.
+            x = x.detach().requires_grad_(True)
+            self._anchor = x
+        return self._module(x, *args, **kwargs)
+
+    def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction: str,
+                               batch_first: bool):
+        if not self.hooks_enabled:
+            return
+        activations, backprops = self.rearrange_grad_samples(
+            module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction,
+            batch_first=batch_first)
+        if backprops.shape[0] == 0:  # an empty Poisson batch: nothing to clip, nothing to add
+            norms, clipped_sum = _empty_batch_rule(module, backprops)
+        else:
+            norms, clipped_sum = _rule_for(module)(module, activations, backprops)
+        for param, norm in norms.items():
+            param._norm_sample = norm
+        self._clipped_sums.append(clipped_sum)
+        for _, param in trainable_parameters(module):
+            param._forward_counter -= 1
+        if len(module.activations) == 0 and hasattr(module, "max_batch_len"):
+            del module.max_batch_len
+
+    def clipped_backward(self, per_sample_losses: torch.Tensor) -> None:
+        reduced = per_sample_losses.mean() if self.loss_reduction == "mean" else per_sample_losses.sum()
+        self._clipped_sums = []
+        torch.autograd.grad(reduced, self._anchor)
+        coef = self.get_clipping_coef()
+        for clipped_sum in self._clipped_sums:
+            for param, grad in clipped_sum(coef).items():
+                param.grad = grad if param.grad is None else param.grad + grad
+        self._clipped_sums = []
+        self._anchor = None
+
+
+class BookKeepingLoss:
+    """The criterion for ``BookKeepingGradSampleModule``: ``criterion(logits, labels).backward()`` runs the
+    one book-keeping backward pass (the same contract as Opacus's ``DPLossFastGradientClipping``)."""
+
+    def __init__(self, module: BookKeepingGradSampleModule, criterion: nn.Module):
+        self.module, self.criterion = module, criterion
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> "_BookKeepingTensor":
+        reduction = self.criterion.reduction
+        self.criterion.reduction = "none"
+        try:
+            per_sample = self.criterion(logits, labels)
+        finally:
+            self.criterion.reduction = reduction
+        return _BookKeepingTensor(self.module, per_sample)
+
+
+class _BookKeepingTensor:
+    def __init__(self, module: BookKeepingGradSampleModule, per_sample_losses: torch.Tensor):
+        self.module, self.per_sample_losses = module, per_sample_losses
+
+    def backward(self) -> None:
+        self.module.clipped_backward(self.per_sample_losses)
+
+    def detach(self) -> torch.Tensor:
+        return self.per_sample_losses.detach().mean()
+
+    def item(self) -> float:
+        return self.detach().item()
