@@ -96,3 +96,28 @@ def test_diverging_run_stops_with_a_clear_status(tiny_root, tmp_path):
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
     assert summary["status"] == "diverged" and "training loss became" in summary["reason"]
     assert "Traceback" not in result.stderr and "training loss became" in result.stderr
+
+
+def test_bn_public_run_with_book_keeping(tiny_root, tmp_path):
+    args = ["--dataset", "mnist", "--data-root", tiny_root, "--train-subset", 120, "--batch-size", 40,
+            "--physical-batch-size", 20, "--epochs", 1, "--noise", 1.0, "--norm", "bn-public", "--engine", "bk",
+            "--public-data", tiny_root / "public105.npz", "--public-size", 64, "--out", tmp_path, "--run-id", "bn",
+            "--wandb", "disabled"]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config, metrics, summary = read_run(tmp_path / "bn")
+    assert summary["status"] == "finished" and summary["engine"] == "bk" and summary["steps"] == 3
+    assert config["public_data"].endswith("public105.npz:x_test (first 64 of 105)")
+    state = torch.load(tmp_path / "bn" / "model.pt", weights_only=True)
+    assert state["features.1.0.refreshed"] and state["features.1.0.public_var"].gt(0).all()
+    load_model("mnist", config, tmp_path / "bn")
+
+
+def test_explain_engine_shows_the_mixed_decision(capsys):
+    import vision
+
+    assert vision.main(["--dataset", "cifar10", "--engine", "bk", "--explain-engine"]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| stages")}
+    assert "instantiate" in rows["stages.0.0.conv1"] and "ghost (T=16" in rows["stages.3.1.conv2"]
+    assert "‖g‖·‖a‖" in table and "GroupNorm" in table
