@@ -1,13 +1,14 @@
 """Book-keeping DP-SGD (Bu et al. 2023): clipped gradients from one backward pass.
 
 Ghost clipping needs two backward passes: one for the per-sample norms, one for the reweighted loss.
-Book-keeping needs one, and not even a full one. The backward pass is asked for the gradient of the
-input only, so autograd propagates output gradients through the network but never forms a weight
-gradient. On the way, each layer's hook computes its per-sample gradient norms (ghost or instantiated,
-``dp_layers.norm_rules``) and keeps what it needs to form its clipped gradient sum later: the per-sample
-gradients where they were instantiated (early, wide-image layers), or its input and output gradient
-where the ghost norm was used. Once all norms are known, every layer's ``sum_i c_i g_i`` is one
-weight-gradient computation with the output gradients scaled by the clipping factors ``c_i``.
+Book-keeping needs one, and not even a full one: autograd is asked for the gradients of the trainable
+layers' outputs only, so it propagates output gradients through the network but never forms a weight
+gradient (nor the input gradient of the first layer). Each layer then computes its per-sample gradient
+norms (ghost or instantiated, ``dp_layers.norm_rules``) from its recorded input and output gradient, and
+keeps what its clipped gradient sum needs: the per-sample gradients where they were instantiated (early,
+wide-image layers), or its input and output gradient where the ghost norm was used. Once all norms are
+known, every layer's ``sum_i c_i g_i`` is one weight-gradient computation with the output gradients
+scaled by the clipping factors ``c_i``.
 
 It plugs into Opacus as a ``GradSampleModuleFastGradientClipping`` subclass, so Opacus's DP optimizer
 adds the noise and its accountant counts the steps.
@@ -19,7 +20,7 @@ from typing import Callable, Dict, List
 import torch
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
-from opacus.utils.module_utils import trainable_parameters
+from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
 from dp_layers.norm_rules import CONV_TYPES, conv_factors, conv_plan, conv_weight_norms
@@ -98,7 +99,7 @@ def generic_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: t
     return norms, lambda coef: {p: _weighted_sum(gs, coef) for p, gs in per_sample.items()}
 
 
-def _empty_batch_rule(layer: nn.Module, backprops: torch.Tensor) -> tuple:
+def _empty_batch_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor) -> tuple:
     params = [p for _, p in trainable_parameters(layer)]
 
     def clipped_sum(coef):
@@ -116,55 +117,53 @@ def _rule_for(layer: nn.Module):
 
 
 class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
-    """Opacus fast-gradient-clipping module whose backward hooks do the book-keeping (module doc).
+    """Opacus fast-gradient-clipping module that does the book-keeping (module doc).
 
-    ``clipped_backward(per_sample_losses)`` runs the single backward pass and leaves ``sum_i c_i g_i`` in
-    every parameter's ``.grad``, as the second backward of ghost clipping would.
+    Forward hooks record each trainable layer's input and output. ``clipped_backward(per_sample_losses)``
+    then asks autograd for the gradients of those outputs alone (so no weight gradient and no input
+    gradient of the first layer is ever formed), applies each layer's rule, and leaves ``sum_i c_i g_i``
+    in every parameter's ``.grad``, as the second backward pass of ghost clipping would.
     """
 
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
                  max_grad_norm: float = 1.0, strict: bool = True):
+        self._records: List[tuple] = []
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict,
                          max_grad_norm=max_grad_norm, use_ghost_clipping=True)
-        self._clipped_sums: List[ClippedSum] = []
-        self._anchor = None
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.training and torch.is_grad_enabled() and self.hooks_enabled:
-            # Asking the backward pass for the input's gradient alone makes autograd skip weight gradients.
-            x = x.detach().requires_grad_(True)
-            self._anchor = x
-        return self._module(x, *args, **kwargs)
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
+                  force_functorch: bool = False) -> None:
+        """Forward hooks only: the backward work happens in ``clipped_backward``."""
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        self._module.autograd_grad_sample_hooks = []
+        self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+        for module in self.iterate_submodules(self._module):
+            self.autograd_grad_sample_hooks.append(module.register_forward_hook(self._record_layer))
+        self.enable_hooks()
 
-    def capture_backprops_hook(self, module: nn.Module, _forward_input, forward_output, loss_reduction: str,
-                               batch_first: bool):
-        if not self.hooks_enabled:
-            return
-        activations, backprops = self.rearrange_grad_samples(
-            module=module, backprops=forward_output[0].detach(), loss_reduction=loss_reduction,
-            batch_first=batch_first)
-        if backprops.shape[0] == 0:  # an empty Poisson batch: nothing to clip, nothing to add
-            norms, clipped_sum = _empty_batch_rule(module, backprops)
-        else:
-            norms, clipped_sum = _rule_for(module)(module, activations, backprops)
-        for param, norm in norms.items():
-            param._norm_sample = norm
-        self._clipped_sums.append(clipped_sum)
-        for _, param in trainable_parameters(module):
-            param._forward_counter -= 1
-        if len(module.activations) == 0 and hasattr(module, "max_batch_len"):
-            del module.max_batch_len
+    def _record_layer(self, module: nn.Module, inputs, output) -> None:
+        if self.hooks_enabled and module.training and torch.is_grad_enabled() and requires_grad(module):
+            self._records.append((module, [t.detach() for t in inputs], output))
 
     def clipped_backward(self, per_sample_losses: torch.Tensor) -> None:
+        records, self._records = self._records, []
+        n = per_sample_losses.shape[0]
         reduced = per_sample_losses.mean() if self.loss_reduction == "mean" else per_sample_losses.sum()
-        self._clipped_sums = []
-        torch.autograd.grad(reduced, self._anchor)
+        output_grads = torch.autograd.grad(reduced, [output for _, _, output in records], allow_unused=True)
+        scale = n if self.loss_reduction == "mean" else 1  # gradients of the per-example losses themselves
+        clipped_sums = []
+        for (module, activations, output), grad in zip(records, output_grads):
+            backprops = torch.zeros_like(output) if grad is None else grad.detach() * scale
+            rule = _empty_batch_rule if n == 0 else _rule_for(module)
+            norms, clipped_sum = rule(module, activations, backprops)
+            for param, norm in norms.items():
+                param._norm_sample = norm
+            clipped_sums.append(clipped_sum)
         coef = self.get_clipping_coef()
-        for clipped_sum in self._clipped_sums:
+        for clipped_sum in clipped_sums:
             for param, grad in clipped_sum(coef).items():
                 param.grad = grad if param.grad is None else param.grad + grad
-        self._clipped_sums = []
-        self._anchor = None
 
 
 class BookKeepingLoss:

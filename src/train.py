@@ -19,7 +19,7 @@ from tqdm import tqdm
 from dp_layers import has_public_batchnorm, refresh_public_statistics
 from src import datasets as dataset_registry
 from src.config import Config
-from src.data import DatasetSpec
+from src.data import DatasetSpec, PublicData
 from src.errors import TrainingStopped, UserError
 from src.privacy import GDP_NOTE, PrivacyPlan, Training, attach, epsilon_by_accountant, epsilon_from_history, plan_privacy
 from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit, new_run_id
@@ -124,11 +124,12 @@ def train_epoch(training: Training, *, physical_batch_size: int, device: torch.d
                       examples=examples, steps=steps)
 
 
-def public_refresher(training: Training, data, device: torch.device) -> Optional[Callable[[], None]]:
+def public_refresher(training: Training, public: Optional[PublicData],
+                     device: torch.device) -> Optional[Callable[[], None]]:
     """For bn-public models: a call that recomputes the public BatchNorm statistics for the current weights."""
     if not has_public_batchnorm(training.base_model):
         return None
-    public_images = data.public.images.float().div(255).to(device)
+    public_images = public.images.float().div(255).to(device)
     return functools.partial(refresh_public_statistics, training.base_model, public_images)
 
 
@@ -166,7 +167,7 @@ def run(config: Config, spec: DatasetSpec) -> dict:
     training = attach(model, data.train, config, plan,
                       sampling_generator=torch.Generator().manual_seed(seeds.sampling),
                       noise_generator=noise_generator)
-    refresh_public = public_refresher(training, data, device)
+    refresh_public = public_refresher(training, data.public, device)
 
     run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
     record = {**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(), "plan": plan.to_dict(),

@@ -1,0 +1,1 @@
+"""Speed and memory measurements: ratios against non-private training in the same run."""

@@ -1,0 +1,201 @@
+"""Step time and peak memory of every engine, as ratios against non-private training in the same run.
+
+    python -m benchmarks.engines                 # markdown table (about 40 minutes on a 2-core CPU)
+    python -m benchmarks.engines --json          # the same rows as a JSON list
+    python -m benchmarks.engines --quick         # one small configuration, to check the harness
+
+Each (model, norm, batch, engine) configuration runs in a fresh process, so peak memory (peak RSS on a
+CPU, peak allocated memory on a GPU) belongs to that configuration alone. The configurations are run in
+interleaved rounds (every engine once, then again), and each row reports the median step time and the
+largest peak over the rounds. A step is what training does for one logical batch: the public-statistics
+refresh for bn-public models, forward, backward, clipping and noise, optimizer step, all through the
+same ``src.privacy.attach`` path that ``vision.py`` uses. Non-private training is the baseline of every
+ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = ["non-private", "hooks", "functorch", "ghost", "mixed-ghost", "bk"]
+ENGINE_LABELS = {"non-private": "non-private", "hooks": "Opacus hooks", "functorch": "Opacus functorch",
+                 "ghost": "Opacus ghost (stock)", "mixed-ghost": "mixed ghost (ours)", "bk": "book-keeping (ours)"}
+MODELS = {"lenet5": "mnist", "resnet18": "cifar10"}
+FULL = [("lenet5", "none", 256), ("lenet5", "bn-public", 256), ("resnet18", "group", 32),
+        ("resnet18", "bn-public", 32), ("resnet18", "group", 64), ("resnet18", "bn-public", 64)]
+QUICK = [("lenet5", "group", 64)]
+
+
+def measure(model_name: str, norm: str, batch: int, engine: str, steps: int, warmup: int,
+            image_size: int = 0) -> dict:
+    """One configuration, in this process: median step time (ms) and peak memory (MB)."""
+    import torch
+
+    from src.config import build_config
+    from src.data import ImageTensorDataset, PublicData
+    from src.datasets import get_dataset
+    from src.privacy import attach, plan_privacy
+    from src.train import public_refresher
+
+    spec = get_dataset(MODELS[model_name])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    flags = {"dataset": spec.name, "engine": engine, "norm": norm, "batch_size": batch,
+             "physical_batch_size": batch, "lr": 0.01, "momentum": 0.9, "clip": 1.0, "epochs": 1}
+    if engine != "non-private":
+        flags["noise"] = 1.0
+    config = build_config(flags, spec.defaults)
+    shape = spec.image_shape if not image_size else (spec.image_shape[0], image_size, image_size)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch * 4, *shape), dtype=torch.uint8, generator=generator)
+    data = ImageTensorDataset(images, torch.randint(0, 10, (batch * 4,), generator=generator))
+    public = PublicData(images=torch.randint(0, 256, (128, *shape), dtype=torch.uint8, generator=generator),
+                        source="random")
+    plan = plan_privacy(config, len(data))
+    torch.manual_seed(0)
+    model = spec.build_model(config.model).to(device)
+    noise_generator = torch.Generator(device=device).manual_seed(1) if plan.private else None
+    training = attach(model, data, config, plan, sampling_generator=torch.Generator().manual_seed(2),
+                      noise_generator=noise_generator)
+    refresh = public_refresher(training, public, device)
+    x, y = (t.to(device) for t in data.__getitems__(range(batch)))
+
+    def step():
+        if refresh is not None:
+            refresh()
+        training.optimizer.zero_grad()
+        training.criterion(training.model(x), y).backward()
+        training.optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    return {"step_ms": 1000 * statistics.median(times), "peak_mb": peak_mb, "device": str(device)}
+
+
+def run_in_subprocess(config: tuple, engine: str, steps: int, warmup: int, image_size: int) -> dict:
+    model_name, norm, batch = config
+    command = [sys.executable, "-m", "benchmarks.engines", "--worker", model_name, norm, str(batch), engine,
+               "--steps", str(steps), "--warmup", str(warmup), "--image-size", str(image_size)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": reason}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarise(configs: list, engines: list, samples: dict) -> list:
+    """Rows with medians over rounds and ratios against non-private in the same run."""
+    rows = []
+    for config in configs:
+        model_name, norm, batch = config
+        cells = {}
+        for engine in engines:
+            runs = [s for s in samples[(config, engine)] if "error" not in s]
+            if runs:
+                cells[engine] = {"step_ms": statistics.median(r["step_ms"] for r in runs),
+                                 "peak_mb": max(r["peak_mb"] for r in runs)}
+            else:
+                cells[engine] = {"error": samples[(config, engine)][-1]["error"]}
+        base = cells.get("non-private", {})
+        for engine in engines:
+            cell = cells[engine]
+            row = {"model": model_name, "norm": norm, "batch": batch, "engine": engine,
+                   "step_ms": cell.get("step_ms"), "peak_mb": cell.get("peak_mb"), "time_ratio": None,
+                   "mem_ratio": None}
+            if "step_ms" in cell and "step_ms" in base:
+                row["time_ratio"] = cell["step_ms"] / base["step_ms"]
+                row["mem_ratio"] = cell["peak_mb"] / base["peak_mb"]
+            if "error" in cell:
+                row["error"] = cell["error"]
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list) -> str:
+    lines = ["| model | norm | batch | engine | step (ms) | peak memory (MB) | time vs non-private | "
+             "memory vs non-private |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['norm']} | {r['batch']} | {ENGINE_LABELS[r['engine']]} | "
+                         f"failed: {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['norm']} | {r['batch']} | {ENGINE_LABELS[r['engine']]} | "
+                     f"{r['step_ms']:.0f} | {r['peak_mb']:.0f} | {r['time_ratio']:.2f}x | {r['mem_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engines", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list (table to stderr)")
+    parser.add_argument("--quick", action="store_true", help="one small configuration, one round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of engines")
+    parser.add_argument("--configs", default=None,
+                        help="model:norm:batch,... (default: LeNet-5 at 256, ResNet-18 at 32 and 64, GroupNorm "
+                             "and bn-public)")
+    parser.add_argument("--image-size", type=int, default=0, help="square inputs of this size (default: native)")
+    parser.add_argument("--save", type=Path, help="also write the JSON rows to this file (atomically)")
+    parser.add_argument("--worker", nargs=4, metavar=("MODEL", "NORM", "BATCH", "ENGINE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        model_name, norm, batch, engine = args.worker
+        print(json.dumps(measure(model_name, norm, int(batch), engine, args.steps, args.warmup, args.image_size)))
+        return 0
+
+    from tqdm import tqdm
+
+    engines = [e.strip() for e in args.engines.split(",")]
+    if "non-private" not in engines:
+        engines.insert(0, "non-private")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    if args.configs:
+        configs = [(m, n, int(b)) for m, n, b in (c.split(":") for c in args.configs.split(","))]
+    else:
+        configs = QUICK if args.quick else FULL
+    rounds = 1 if args.quick else args.rounds
+    samples = {(c, e): [] for c in configs for e in engines}
+    jobs = [(c, e) for _ in range(rounds) for c in configs for e in engines]
+    for config, engine in tqdm(jobs, desc="benchmark", unit="run", file=sys.stderr, disable=None):
+        samples[(config, engine)].append(run_in_subprocess(config, engine, args.steps, args.warmup,
+                                                           args.image_size))
+    rows = summarise(configs, engines, samples)
+    if args.save:
+        from src.tracking import atomic_write_json
+
+        atomic_write_json(args.save, rows)
+    if args.json:
+        print(markdown(rows), file=sys.stderr)
+        print(json.dumps(rows, indent=1))
+    else:
+        print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    sys.exit(main())
