@@ -123,3 +123,33 @@ def test_noise_free_update_equals_brute_force_clipped_mean(norm):
         for name, grads in zip(names, per_sample):
             expected = torch.einsum("b,b...->...", factors, grads) / plan.expected_batch_size
             assert torch.allclose(update[name], expected, rtol=1e-4, atol=1e-7), f"{engine}/{norm}/{name}"
+
+
+class _Reshape(torch.nn.Module):
+    def __init__(self, *shape):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.shape)
+
+
+@pytest.mark.parametrize("layers,shape", [
+    ([torch.nn.Conv1d(4, 6, 3, stride=2, padding=1), torch.nn.Tanh(), torch.nn.Conv1d(6, 6, 3, groups=3, dilation=2)],
+     (4, 20)),
+    ([torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 4, 2, stride=2, groups=2)], (2, 6, 6, 6)),
+    ([torch.nn.Conv2d(4, 8, 3, groups=2, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 8, 3, stride=2),
+      torch.nn.LayerNorm([8, 3, 3])], (4, 8, 8)),
+])
+def test_norm_rules_for_other_conv_and_norm_layers(layers, shape):
+    """Conv1d, Conv3d, grouped, strided and dilated convolutions and LayerNorm follow the same rules."""
+    torch.manual_seed(4)
+    body = torch.nn.Sequential(*layers)
+    with torch.no_grad():
+        features = body(torch.zeros(1, *shape)).numel()
+    model = torch.nn.Sequential(body, _Reshape(features), torch.nn.Linear(features, 10)).double()
+    images, labels = torch.rand(4, *shape, dtype=torch.float64), torch.randint(0, 10, (4,))
+    _, expected = brute_force(model, images, labels)
+    for engine in ("mixed-ghost", "bk"):
+        got = engine_norms(engine, model, images, labels)
+        assert ((got - expected).abs() / expected).max().item() <= 1e-6, engine
