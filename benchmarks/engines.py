@@ -42,7 +42,8 @@ def measure(model_name: str, norm: str, batch: int, engine: str, steps: int, war
     from src.config import build_config
     from src.data import ImageTensorDataset, PublicData
     from src.datasets import get_dataset
-    from src.privacy import attach, plan_privacy
+    from src.accounting import plan_privacy
+    from src.privacy import attach
     from src.train import public_refresher
 
     spec = get_dataset(MODELS[model_name])

@@ -13,10 +13,10 @@ MEAN, STD = (0.1307,), (0.3081,)
 # The best settings measured on real MNIST for epsilon <= 3 (delta 1e-5, rdp); see README's results.
 DEFAULTS = {
     "epochs": 40,
-    "batch_size": 1024,
-    "physical_batch_size": 1024,
+    "batch_size": 512,
+    "physical_batch_size": 512,
     "optimizer": "sgd",
-    "lr": 1.0,
+    "lr": 0.5,
     "momentum": 0.9,
     "clip": 0.1,
     "target_epsilon": 3.0,

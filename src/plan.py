@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from src.config import Config
 from src.data import DatasetSpec
-from src.privacy import GDP_NOTE, plan_privacy
+from src.accounting import GDP_NOTE, plan_privacy
 from src.tracking import json_safe
 
 

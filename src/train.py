@@ -21,7 +21,8 @@ from src import datasets as dataset_registry
 from src.config import Config
 from src.data import DatasetSpec, PublicData
 from src.errors import TrainingStopped, UserError
-from src.privacy import GDP_NOTE, PrivacyPlan, Training, attach, epsilon_by_accountant, epsilon_from_history, plan_privacy
+from src.accounting import GDP_NOTE, PrivacyPlan, epsilon_by_accountant, epsilon_from_history, plan_privacy
+from src.privacy import Training, attach
 from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit, new_run_id
 
 log = logging.getLogger(__name__)

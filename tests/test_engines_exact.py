@@ -17,7 +17,8 @@ from dp_layers.norm_rules import OPACUS_NORM_SAMPLERS
 from src import cifar10, mnist
 from src.config import ModelConfig, build_config
 from src.data import ImageTensorDataset
-from src.privacy import attach, plan_privacy
+from src.accounting import plan_privacy
+from src.privacy import attach
 
 NORMS = ["none", "group", "layer", "instance", "bn-public"]
 PRIVATE_ENGINES = ["hooks", "functorch", "ghost", "mixed-ghost", "bk"]

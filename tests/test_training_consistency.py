@@ -12,7 +12,8 @@ import torch
 
 from src.config import build_config
 from src.datasets import get_dataset
-from src.privacy import attach, plan_privacy
+from src.accounting import plan_privacy
+from src.privacy import attach
 from src.train import derive_seeds, train_epoch
 
 SPEC = get_dataset("mnist")
