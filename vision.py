@@ -5,6 +5,8 @@
     python vision.py --dataset cifar10 --noise 1.0         # ResNet-18
     python vision.py --dataset mnist --dry-run             # the privacy plan as JSON, no data loaded
     python vision.py --dataset cifar10 --explain-engine    # per-layer per-sample gradient norm methods
+    python vision.py --dataset mnist --robust              # PGD adversarial training under DP
+    python vision.py --dataset mnist --eval-only RUN_DIR   # clean and robust accuracy of a saved model
 """
 import json
 import logging
@@ -24,6 +26,12 @@ def main(argv=None) -> int:
         spec = get_dataset(flags["dataset"])
         config = build_config(flags, spec.defaults)
         validate_for_dataset(config, spec)
+        if actions["eval_only"]:
+            if actions["dry_run"] or actions["explain_engine"]:
+                raise UserError("--eval-only cannot be combined with --dry-run or --explain-engine")
+            from src.eval_only import run_eval_only
+
+            return 0 if run_eval_only(config, spec, actions["eval_only"])["status"] == "finished" else 1
         if actions["dry_run"]:
             from src.plan import dry_run_report
 

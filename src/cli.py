@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from attacks.defaults import ATTACKS, PGD_NORMS
 from src.config import (ACCOUNTANTS, ACTIVATIONS, DATA_ROOT_ENV, DEVICES, ENGINES, GLOBAL_DEFAULTS, NORMS,
                         OPTIMIZERS, WANDB_MODES)
 
@@ -29,6 +30,16 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _radius(text: str):
+    """A number, or a dataset's named radius (resolved with the dataset's defaults)."""
+    try:
+        return float(text)
+    except ValueError:
+        if text.replace("-", "").isalpha():
+            return text
+        raise argparse.ArgumentTypeError(f"expected a number or a radius name, got {text!r}") from None
 
 
 def _dataset_defaults_epilog() -> str:
@@ -102,6 +113,35 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--clip", type=_number, help="per-sample gradient norm bound")
     privacy.add_argument("--accountant", choices=ACCOUNTANTS)
 
+    robust = parser.add_argument_group("robustness (PGD adversarial training and robust evaluation)")
+    robust.add_argument("--robust", action="store_true", default=None,
+                        help="train on adversarial batches crafted against the current weights (then clip and noise)")
+    robust.add_argument("--attack", choices=ATTACKS, help="training attack (default pgd; fgsm-rs is one step)")
+    robust.add_argument("--pgd-norm", choices=PGD_NORMS, help="threat model of training and evaluation (default linf)")
+    robust.add_argument("--pgd-eps", type=_radius, metavar="EPS|NAME",
+                        help="attack radius in [0,1] pixel units, or a name: study (seed 002's 0.03), literature "
+                             "(mnist 0.3, cifar10 8/255), dp-literature (mnist 0.1, its default)")
+    robust.add_argument("--pgd-alpha", type=_number, help="training attack step (default 2.5 eps/steps; fgsm-rs 1.25 eps)")
+    robust.add_argument("--pgd-steps", type=_integer, help="training PGD steps (mnist 40, cifar10 20)")
+    robust.add_argument("--pgd-restarts", type=_integer, help="training PGD random restarts (worst case kept)")
+    robust.add_argument("--adv-ratio", type=_number, help="fraction of each batch made adversarial (default 1.0)")
+    robust.add_argument("--eval-pgd-steps", type=_integer, help="robust evaluation PGD steps (default 40)")
+    robust.add_argument("--eval-pgd-restarts", type=_integer, help="robust evaluation restarts (default 1)")
+    robust.add_argument("--eval-pgd-alpha", type=_number, help="robust evaluation step (default 2.5 eps/steps)")
+    robust.add_argument("--eval-robust-size", type=_integer, metavar="N",
+                        help="test images for robust accuracy (default 1000; 0 turns it off)")
+    robust.add_argument("--eval-robust-every", type=_integer, metavar="EPOCHS",
+                        help="robust accuracy every EPOCHS epochs and after the last (default: 1 with --robust, "
+                             "else after the last epoch only)")
+    robust.add_argument("--masking-checks", action="store_true", default=None,
+                        help="after training (or with --eval-only): radius sweep, more steps/restarts, and transfer, "
+                             "to expose gradient masking")
+    robust.add_argument("--transfer-from", metavar="RUN_DIR",
+                        help="also attack with adversarial examples crafted on this run's model (e.g. non-private)")
+    robust.add_argument("--eval-only", metavar="RUN_DIR",
+                        help="evaluate a finished run's model.pt (clean and robust) into a new run directory; "
+                             "trains nothing")
+
     output = parser.add_argument_group("output")
     output.add_argument("--out", help=f"folder for run directories (default {GLOBAL_DEFAULTS['out']})")
     output.add_argument("--run-id", help="name of the run directory (default: generated)")
@@ -114,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_flags(argv=None) -> tuple:
     """(settings the user gave, {action: bool}) with the data-root environment variable applied."""
     args = build_parser().parse_args(argv)
-    actions = {"dry_run": args.dry_run, "explain_engine": args.explain_engine}
+    actions = {"dry_run": args.dry_run, "explain_engine": args.explain_engine, "eval_only": args.eval_only}
     flags = {k: v for k, v in vars(args).items() if k not in actions}
     if flags["data_root"] is None and os.environ.get(DATA_ROOT_ENV):
         flags["data_root"] = os.environ[DATA_ROOT_ENV]

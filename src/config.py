@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from attacks.defaults import ATTACKS, PGD_NORMS, default_alpha
 from src.errors import UserError
 
 # hooks, functorch, ghost: Opacus's own grad_sample_mode values (ghost as Opacus ships it);
@@ -50,7 +51,23 @@ GLOBAL_DEFAULTS: Mapping[str, Any] = {
     "wandb": "offline",
     "wandb_project": "private_robust_vision",
     "wandb_group": None,
+    # robust training (--robust) and robust evaluation; datasets set the radius and the training steps
+    "robust": False,
+    "attack": "pgd",
+    "pgd_norm": "linf",
+    "pgd_alpha": None,  # resolved: default_alpha(attack, eps, steps)
+    "pgd_restarts": 1,
+    "adv_ratio": 1.0,
+    "eval_pgd_steps": 40,
+    "eval_pgd_restarts": 1,
+    "eval_pgd_alpha": None,  # resolved: 2.5 eps / eval steps
+    "eval_robust_size": 1000,
+    "eval_robust_every": None,  # resolved: every epoch for --robust runs, else after the last epoch only
+    "masking_checks": False,
+    "transfer_from": None,
 }
+# Flags that only mean something for --robust training (the radius and norm also set the evaluation attack).
+ROBUST_TRAINING_FLAGS = ("attack", "pgd_alpha", "pgd_steps", "pgd_restarts", "adv_ratio")
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,40 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class RobustConfig:
+    """--robust training attack (crafted against the current weights for every batch) and the stronger
+    attack robust accuracy is evaluated with (same radius and norm, more steps, PGD always)."""
+
+    robust: bool
+    attack: str
+    pgd_norm: str
+    pgd_eps: float
+    pgd_alpha: float
+    pgd_steps: int
+    pgd_restarts: int
+    adv_ratio: float
+    eval_pgd_steps: int
+    eval_pgd_restarts: int
+    eval_pgd_alpha: float
+    eval_robust_size: int
+    eval_robust_every: int
+    masking_checks: bool
+    transfer_from: Optional[str]
+
+    def train_attack(self):
+        from attacks.pgd import AttackSpec
+
+        return AttackSpec(method=self.attack, norm=self.pgd_norm, eps=self.pgd_eps, alpha=self.pgd_alpha,
+                          steps=1 if self.attack == "fgsm-rs" else self.pgd_steps, restarts=self.pgd_restarts)
+
+    def eval_attack(self):
+        from attacks.pgd import AttackSpec
+
+        return AttackSpec(method="pgd", norm=self.pgd_norm, eps=self.pgd_eps, alpha=self.eval_pgd_alpha,
+                          steps=self.eval_pgd_steps, restarts=self.eval_pgd_restarts)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     out: str
     run_id: Optional[str]
@@ -115,6 +166,7 @@ class Config:
     train: TrainConfig
     privacy: PrivacyConfig
     output: OutputConfig
+    robust: RobustConfig
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +179,7 @@ class Config:
             train=TrainConfig(**d["train"]),
             privacy=PrivacyConfig(**d["privacy"]),
             output=OutputConfig(**d["output"]),
+            robust=RobustConfig(**d["robust"]),
         )
 
 
@@ -151,7 +204,31 @@ def resolve_settings(flags: Mapping[str, Any], dataset_defaults: Mapping[str, An
     if "physical_batch_size" not in user and isinstance(settings.get("batch_size"), int):
         # The dataset's physical batch is a memory bound: it only shrinks to fit a smaller logical batch.
         settings["physical_batch_size"] = min(settings["physical_batch_size"], settings["batch_size"])
+    _resolve_attack(settings, user)
     return settings
+
+
+def _resolve_attack(settings: dict, user: Mapping[str, Any]) -> None:
+    """Named radii (``--pgd-eps study``), step sizes and the robust-evaluation schedule."""
+    radius = settings.get("pgd_eps")
+    if isinstance(radius, str):
+        named = settings.get("pgd_radii", {})
+        if radius not in named:
+            raise UserError(f"unknown --pgd-eps {radius!r}: give a number or one of {', '.join(named)}")
+        settings["pgd_eps"] = named[radius]
+    if not settings.get("robust"):
+        given = [f for f in ROBUST_TRAINING_FLAGS if f in user]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} sets the training attack and needs --robust "
+                            "(robust evaluation takes --pgd-eps, --pgd-norm and the --eval-pgd-* flags)")
+    numeric = all(isinstance(settings.get(k), (int, float)) for k in ("pgd_eps", "pgd_steps", "eval_pgd_steps"))
+    if numeric:
+        if settings.get("pgd_alpha") is None:
+            settings["pgd_alpha"] = default_alpha(settings["attack"], settings["pgd_eps"], settings["pgd_steps"])
+        if settings.get("eval_pgd_alpha") is None:
+            settings["eval_pgd_alpha"] = default_alpha("pgd", settings["pgd_eps"], settings["eval_pgd_steps"])
+    if settings.get("eval_robust_every") is None:
+        settings["eval_robust_every"] = 1 if settings.get("robust") else settings.get("epochs")
 
 
 def build_config(flags: Mapping[str, Any], dataset_defaults: Mapping[str, Any]) -> Config:
@@ -159,7 +236,7 @@ def build_config(flags: Mapping[str, Any], dataset_defaults: Mapping[str, Any]) 
     s = resolve_settings(flags, dataset_defaults)
     sections = {}
     for name, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig),
-                      ("privacy", PrivacyConfig), ("output", OutputConfig)):
+                      ("privacy", PrivacyConfig), ("output", OutputConfig), ("robust", RobustConfig)):
         missing = [f for f in _section_fields(cls) if f not in s]
         if missing:
             raise UserError(f"no value or default for {', '.join('--' + m.replace('_', '-') for m in missing)}")
@@ -219,3 +296,25 @@ def validate(config: Config) -> None:
     _require(o.wandb in WANDB_MODES, f"unknown --wandb {o.wandb!r}; choose from {', '.join(WANDB_MODES)}")
     _require(o.run_id is None or (o.run_id.strip() and "/" not in o.run_id and o.run_id not in (".", "..")),
              f"--run-id must be a plain directory name, got {o.run_id!r}")
+    _validate_robust(config.robust)
+
+
+def _validate_robust(r: RobustConfig) -> None:
+    _require(r.attack in ATTACKS, f"unknown --attack {r.attack!r}; choose from {', '.join(ATTACKS)}")
+    _require(r.pgd_norm in PGD_NORMS, f"unknown --pgd-norm {r.pgd_norm!r}; choose from {', '.join(PGD_NORMS)}")
+    _require(r.pgd_eps > 0, f"--pgd-eps must be positive, got {r.pgd_eps}")
+    _require(r.pgd_norm != "linf" or r.pgd_eps <= 1,
+             f"--pgd-eps {r.pgd_eps} is beyond the [0, 1] pixel range for an linf attack")
+    _require(not (r.attack == "fgsm-rs" and r.pgd_norm != "linf"),
+             "--attack fgsm-rs is an L-infinity attack; use --pgd-norm linf or --attack pgd")
+    _require(r.pgd_alpha > 0, f"--pgd-alpha must be positive, got {r.pgd_alpha}")
+    _require(r.pgd_steps >= 1, f"--pgd-steps must be at least 1, got {r.pgd_steps}")
+    _require(r.pgd_restarts >= 1, f"--pgd-restarts must be at least 1, got {r.pgd_restarts}")
+    _require(0 <= r.adv_ratio <= 1, f"--adv-ratio must be in [0, 1], got {r.adv_ratio}")
+    _require(r.eval_pgd_steps >= 1, f"--eval-pgd-steps must be at least 1, got {r.eval_pgd_steps}")
+    _require(r.eval_pgd_restarts >= 1, f"--eval-pgd-restarts must be at least 1, got {r.eval_pgd_restarts}")
+    _require(r.eval_pgd_alpha > 0, f"--eval-pgd-alpha must be positive, got {r.eval_pgd_alpha}")
+    _require(r.eval_robust_size >= 0, f"--eval-robust-size must be non-negative, got {r.eval_robust_size}")
+    _require(r.eval_robust_every >= 1, f"--eval-robust-every must be at least 1, got {r.eval_robust_every}")
+    _require(r.eval_robust_size > 0 or not (r.masking_checks or r.transfer_from),
+             "--masking-checks and --transfer-from evaluate robustness: they need --eval-robust-size > 0")

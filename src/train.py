@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tqdm import tqdm
 
+from attacks.adversarial import AdversarialBatches
+from attacks.robust_eval import masking_checks, robust_accuracy
 from dp_layers import has_public_batchnorm, refresh_public_statistics
 from src import datasets as dataset_registry
 from src.config import Config
@@ -35,11 +37,13 @@ class Seeds:
     model: int
     sampling: int
     noise: int
+    attack: int  # random starts and --adv-ratio draws of robust training
+    evaluation: int  # random starts of robust evaluation
 
 
 def derive_seeds(seed: int) -> Seeds:
-    model, sampling, noise = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(3))
-    return Seeds(model=model, sampling=sampling, noise=noise)
+    streams = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(5))
+    return Seeds(*streams)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,9 +79,13 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int, device: torch.
     return total_loss / len(dataset), 100.0 * correct / len(dataset)
 
 
-def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tensor) -> tuple:
+def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tensor,
+                   adversarial: Optional[AdversarialBatches] = None) -> tuple:
     """Forward/backward on one physical batch and ``optimizer.step()`` (a real step only at the end of a
-    logical batch). Returns the batch's summed loss and correct count, for logging."""
+    logical batch). With ``adversarial`` (robust training) the batch is first attacked against the current
+    weights. Returns the batch's summed loss and correct count (on the inputs trained on), for logging."""
+    if adversarial is not None:
+        images = adversarial(training.model, images, labels)
     training.optimizer.zero_grad()
     logits = training.model(images)
     training.criterion(logits, labels).backward()
@@ -89,7 +97,8 @@ def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tenso
 
 def train_epoch(training: Training, *, physical_batch_size: int, device: torch.device, epoch: int,
                 epochs: int, steps_per_epoch: int, first_step: int,
-                refresh_public: Optional[Callable[[], None]] = None, refresh_every: int = 1) -> EpochStats:
+                refresh_public: Optional[Callable[[], None]] = None, refresh_every: int = 1,
+                adversarial: Optional[AdversarialBatches] = None) -> EpochStats:
     """One pass of Poisson-sampled logical batches, split into physical batches by BatchMemoryManager.
 
     ``refresh_public`` (bn-public models) recomputes the public BatchNorm statistics before the first
@@ -110,7 +119,7 @@ def train_epoch(training: Training, *, physical_batch_size: int, device: torch.d
         for images, labels in physical_batches:
             if refresh_public is not None and starts_logical_batch and (first_step + steps) % refresh_every == 0:
                 refresh_public()
-            batch_loss, batch_correct = _physical_step(training, images.to(device), labels.to(device))
+            batch_loss, batch_correct = _physical_step(training, images.to(device), labels.to(device), adversarial)
             if not math.isfinite(batch_loss):
                 raise TrainingStopped("diverged", f"training loss became {batch_loss} at step "
                                       f"{first_step + steps + 1} (epoch {epoch}); lower --lr or --clip")
@@ -169,6 +178,12 @@ def run(config: Config, spec: DatasetSpec) -> dict:
                       sampling_generator=torch.Generator().manual_seed(seeds.sampling),
                       noise_generator=noise_generator)
     refresh_public = public_refresher(training, data.public, device)
+    robust = config.robust
+    adversarial = None
+    if robust.robust:
+        attack_generator = torch.Generator(device=device).manual_seed(seeds.attack)
+        adversarial = AdversarialBatches(robust.train_attack(), robust.adv_ratio, attack_generator)
+    transfer_source = load_run_model(robust.transfer_from, spec, device) if robust.transfer_from else None
 
     run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
     record = {**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(), "plan": plan.to_dict(),
@@ -180,17 +195,26 @@ def run(config: Config, spec: DatasetSpec) -> dict:
                "delta": plan.delta, "noise_multiplier": plan.noise_multiplier, "n_train": plan.n_train,
                "sample_rate": plan.sample_rate, "epochs": 0, "steps": 0, "train_loss": None, "train_acc": None,
                "test_loss": None, "test_acc": None, "epsilon": None if plan.private else math.inf,
-               "epsilon_by_accountant": None, "wall_seconds": 0.0}
+               "epsilon_by_accountant": None, "robust": robust.robust, "robust_acc": None,
+               "eval_attack": robust.eval_attack().to_dict() if robust.eval_robust_size else None,
+               "eval_robust_size": robust.eval_robust_size,
+               "train_attack": robust.train_attack().to_dict() if robust.robust else None,
+               "adv_ratio": robust.adv_ratio if robust.robust else None, "wall_seconds": 0.0}
     run_dir.write_summary(summary)
     tracker = WandbRun.start(mode=config.output.wandb, project=config.output.wandb_project,
                              group=config.output.wandb_group, run_dir=run_dir.path, run_id=run_dir.run_id,
                              config=record, tags=[config.data.dataset, f"norm:{config.model.norm}",
                                                   f"engine:{config.privacy.engine}",
-                                                  f"noise:{plan.noise_multiplier}"])
+                                                  f"noise:{plan.noise_multiplier}",
+                                                  f"robust:{robust.robust}"])
     summary["wandb"] = tracker.directory or tracker.error
     print(_describe(config, plan, run_dir), flush=True)
     if plan.private and config.privacy.accountant == "gdp":
         print(f"note: {GDP_NOTE}", flush=True)
+    if robust.robust:
+        print(f"robust training: {robust.train_attack().describe()} on {100 * robust.adv_ratio:g}% of each batch; "
+              f"robust accuracy: {robust.eval_attack().describe()} on {robust.eval_robust_size} test images",
+              flush=True)
 
     try:
         step = 0
@@ -199,7 +223,7 @@ def run(config: Config, spec: DatasetSpec) -> dict:
             stats = train_epoch(training, physical_batch_size=config.train.physical_batch_size, device=device,
                                 epoch=epoch, epochs=config.train.epochs, steps_per_epoch=plan.steps_per_epoch,
                                 first_step=step, refresh_public=refresh_public,
-                                refresh_every=config.train.public_refresh_every)
+                                refresh_every=config.train.public_refresh_every, adversarial=adversarial)
             step += stats.steps
             if refresh_public is not None:
                 refresh_public()  # evaluate and save with the statistics of the final weights
@@ -207,9 +231,16 @@ def run(config: Config, spec: DatasetSpec) -> dict:
                                            device=device)
             epsilon = (epsilon_from_history(config.privacy.accountant, training.history(), plan.delta)
                        if plan.private else math.inf)
+            train_seconds = time.time() - epoch_started
+            robust_acc = None
+            if robust.eval_robust_size and (epoch % robust.eval_robust_every == 0 or epoch == config.train.epochs):
+                robust_acc = robust_accuracy(training.model, data.test, robust.eval_attack(),
+                                             size=robust.eval_robust_size, batch_size=config.train.eval_batch_size,
+                                             device=device, seed=seeds.evaluation)
+                summary["robust_acc"] = robust_acc
             row = {"epoch": epoch, "step": step, "train_loss": stats.loss, "train_acc": stats.accuracy,
-                   "test_loss": test_loss, "test_acc": test_acc, "epsilon": epsilon,
-                   "seconds": time.time() - epoch_started}
+                   "test_loss": test_loss, "test_acc": test_acc, "robust_acc": robust_acc, "epsilon": epsilon,
+                   "seconds": time.time() - epoch_started, "train_seconds": train_seconds}
             run_dir.append_metrics(row)
             run_dir.save_model(training.base_model.state_dict())
             tracker.log(row, step=step)
@@ -218,10 +249,15 @@ def run(config: Config, spec: DatasetSpec) -> dict:
                            wall_seconds=time.time() - started)
             run_dir.write_summary(summary)
             eps_text = f"eps {epsilon:.3f} ({config.privacy.accountant})" if plan.private else "non-private"
+            robust_text = f"  robust {robust_acc:.2f}%" if robust_acc is not None else ""
             tqdm.write(f"epoch {epoch}/{config.train.epochs}  loss {stats.loss:.4f}  train {stats.accuracy:.2f}%  "
-                       f"test {test_acc:.2f}%  {eps_text}  {row['seconds']:.1f}s", file=sys.stdout)
+                       f"test {test_acc:.2f}%{robust_text}  {eps_text}  {row['seconds']:.1f}s", file=sys.stdout)
             if not math.isfinite(test_loss):
                 raise TrainingStopped("diverged", f"test loss became {test_loss} after epoch {epoch}; lower --lr")
+        if robust.masking_checks or transfer_source is not None:
+            summary["masking_checks"] = run_masking_checks(training.model, data.test, config, device, seeds.evaluation,
+                                                           summary["robust_acc"], transfer_source)
+            run_dir.write_summary(summary)
         summary["status"] = "finished"
     except TrainingStopped as stop:
         summary.update(status=stop.status, reason=stop.reason)
@@ -240,10 +276,56 @@ def run(config: Config, spec: DatasetSpec) -> dict:
     if summary["status"] == "finished":
         by_acc = summary["epsilon_by_accountant"] or {}
         extra = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in by_acc.items())
-        print(f"finished: test accuracy {summary['test_acc']:.2f}%"
+        robust_text = (f", robust accuracy {summary['robust_acc']:.2f}% ({robust.eval_attack().describe()})"
+                       if summary["robust_acc"] is not None else "")
+        print(f"finished: test accuracy {summary['test_acc']:.2f}%{robust_text}"
               + (f", epsilon {summary['epsilon']:.3f} at delta {plan.delta:g} ({extra})" if plan.private else "")
               + f"; {run_dir.path}", flush=True)
     return summary
+
+
+def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device) -> torch.nn.Module:
+    """The saved model of a finished run directory (its config.json says how to build it)."""
+    import json
+    from pathlib import Path
+
+    from src.config import ModelConfig
+
+    path = Path(run_path)
+    try:
+        record = json.loads((path / "config.json").read_text())
+        state = torch.load(path / "model.pt", map_location=device, weights_only=True)
+    except FileNotFoundError as missing:
+        raise UserError(f"{run_path} is not a finished run directory: {Path(missing.filename).name} is missing") from None
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"cannot read the run in {run_path}: {type(error).__name__}: {error}") from None
+    dataset = record.get("data", {}).get("dataset")
+    if dataset != spec.name:
+        raise UserError(f"the run in {run_path} trained on {dataset!r}, not --dataset {spec.name}")
+    model = spec.build_model(ModelConfig(**record["model"])).to(device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise UserError(f"model.pt in {run_path} does not fit its config.json: {str(error).splitlines()[0]}") from None
+    return model.eval()
+
+
+def run_masking_checks(model, test_set, config: Config, device: torch.device, seed: int,
+                       robust_acc: Optional[float], transfer_source=None) -> dict:
+    robust = config.robust
+    report = masking_checks(model, test_set, robust.eval_attack(), size=robust.eval_robust_size,
+                            batch_size=config.train.eval_batch_size, device=device, seed=seed,
+                            source=transfer_source, baseline=robust_acc)
+    if transfer_source is not None:
+        report["transfer"]["source_run"] = robust.transfer_from
+    curve = ", ".join(f"{p['eps']:g}: {p['robust_acc']:.1f}%" for p in report["radius_curve"])
+    transfer = (f"; transferred from {robust.transfer_from}: {report['transfer']['robust_acc']:.1f}%"
+                if transfer_source is not None else "")
+    print(f"masking checks ({'passed' if report['passed'] else 'FAILED'}): accuracy by radius {curve}; "
+          f"{report['more_steps']['steps']} steps {report['more_steps']['robust_acc']:.1f}%, "
+          f"{report['more_restarts']['restarts']} restarts {report['more_restarts']['robust_acc']:.1f}%{transfer}",
+          flush=True)
+    return report
 
 
 def exit_code_for(summary: dict) -> int:
