@@ -41,7 +41,7 @@ GLOBAL_DEFAULTS: Mapping[str, Any] = {
     "device": "auto",
     "eval_batch_size": 1000,
     "public_refresh_every": 1,
-    "engine": "ghost",
+    "engine": "bk",  # the fastest engine in benchmarks/engines.py (README results)
     "noise": None,
     "target_epsilon": None,
     "delta": 1e-5,

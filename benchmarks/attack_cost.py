@@ -1,0 +1,110 @@
+"""What an attack step costs, as a ratio against one plain (non-private) forward+backward pass.
+
+    python -m benchmarks.attack_cost            # LeNet-5 at batch 512, ResNet-18 at batch 32
+    python -m benchmarks.attack_cost --json
+
+An attack step (``attacks.pgd``) is one forward pass and one backward pass for the input gradient only,
+inside ``attacks.isolation.attack_view``: no parameter gradients, no per-sample machinery. So it should
+cost at most a plain training forward+backward. The private step of every engine is timed alongside for
+scale: a PGD-k robust DP step costs about (k x attack step + DP step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+CONFIGS = [("lenet5", "none", 512), ("lenet5", "bn-public", 512), ("resnet18", "group", 32)]
+MODELS = {"lenet5": "mnist", "resnet18": "cifar10"}
+
+
+def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def measure(model_name: str, norm: str, batch: int, repeats: int, engine: str) -> dict:
+    from attacks.adversarial import AdversarialBatches
+    from attacks.pgd import AttackSpec
+    from dp_layers import refresh_public_statistics
+    from src.accounting import plan_privacy
+    from src.config import build_config
+    from src.data import ImageTensorDataset
+    from src.datasets import get_dataset
+    from src.privacy import attach
+
+    spec = get_dataset(MODELS[model_name])
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch * 2, *spec.image_shape), dtype=torch.uint8, generator=generator)
+    data = ImageTensorDataset(images, torch.randint(0, 10, (batch * 2,), generator=generator))
+    x, y = data.__getitems__(range(batch))
+
+    def build(engine_name):
+        flags = {"dataset": spec.name, "engine": engine_name, "norm": norm, "batch_size": batch,
+                 "physical_batch_size": batch, "lr": 0.01, "clip": 1.0, "epochs": 1}
+        if engine_name != "non-private":
+            flags["noise"] = 1.0
+        config = build_config(flags, spec.defaults)
+        torch.manual_seed(0)
+        model = spec.build_model(config.model)
+        if norm == "bn-public":
+            refresh_public_statistics(model, torch.rand(128, *spec.image_shape))
+        return attach(model, data, config, plan_privacy(config, len(data)),
+                      sampling_generator=torch.Generator().manual_seed(1),
+                      noise_generator=torch.Generator().manual_seed(2) if engine_name != "non-private" else None)
+
+    plain = build("non-private")
+
+    def plain_step():
+        plain.optimizer.zero_grad()
+        F.cross_entropy(plain.model(x), y).backward()
+
+    private = build(engine)
+
+    def private_step():
+        private.optimizer.zero_grad()
+        private.criterion(private.model(x), y).backward()
+        private.optimizer.step()
+
+    pgd_step = AdversarialBatches(AttackSpec("pgd", "linf", 0.1, 0.01, 1, 1), 1.0, torch.Generator().manual_seed(3))
+    row = {"model": model_name, "norm": norm, "batch": batch, "engine": engine,
+           "plain_fwd_bwd_ms": _median_ms(plain_step, repeats),
+           "attack_step_ms": _median_ms(lambda: pgd_step(private.model, x, y), repeats),
+           "private_step_ms": _median_ms(private_step, repeats)}
+    row["attack_vs_plain"] = row["attack_step_ms"] / row["plain_fwd_bwd_ms"]
+    row["private_vs_plain"] = row["private_step_ms"] / row["plain_fwd_bwd_ms"]
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attack_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--engine", default="bk", help="private engine the attack runs inside (default bk)")
+    args = parser.parse_args(argv)
+    rows = [measure(*config, args.repeats, args.engine) for config in CONFIGS]
+    lines = ["| model | norm | batch | plain fwd+bwd (ms) | PGD step (ms) | PGD step / plain | "
+             f"{args.engine} DP step (ms) | DP step / plain |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['norm']} | {r['batch']} | {r['plain_fwd_bwd_ms']:.0f} | "
+                     f"{r['attack_step_ms']:.0f} | {r['attack_vs_plain']:.2f}x | {r['private_step_ms']:.0f} | "
+                     f"{r['private_vs_plain']:.2f}x |")
+    print("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
