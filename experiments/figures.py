@@ -1,0 +1,143 @@
+"""Draw the paper figures with seaborn into ``images/`` (PNG and PDF).
+
+    python -m experiments.figures experiments/results/mnist-study.csv [--run runs/mnist-study/RUN]
+        [--benchmark benchmarks/results_cpu.json] [--out images] [--prefix mnist]
+
+1. test accuracy vs epsilon, one panel per noise multiplier, hue = normalization, style = robust training,
+   mean and standard deviation over seeds (one point per epoch): seed 002's Figures 1-2;
+2. the same for robust accuracy (runs that measured it);
+3. accuracy, loss and epsilon per epoch for one run (seed 003's plots);
+4. the engine benchmark: time and memory ratios against non-private training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from src.errors import UserError  # noqa: E402
+
+
+def _privacy_label(table: pd.DataFrame) -> str:
+    accountants = ", ".join(sorted(set(table["accountant"].dropna())))
+    deltas = ", ".join(f"{d:g}" for d in sorted(set(table["delta"].dropna())))
+    return f"epsilon ({accountants} accountant, delta {deltas})"
+
+
+def _save(figure, out: Path, name: str) -> list:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix in ("png", "pdf"):
+        path = out / f"{name}.{suffix}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        figure.savefig(tmp, format=suffix, dpi=150, bbox_inches="tight")
+        tmp.replace(path)
+        paths.append(path)
+    plt.close(figure)
+    return paths
+
+
+def accuracy_vs_epsilon(table: pd.DataFrame, column: str, out: Path, name: str) -> list:
+    data = table[table[column].notna() & table["epsilon"].notna()].copy()
+    data = data[data["epsilon"] != float("inf")]
+    if data.empty:
+        return []
+    data["training"] = data["robust"].map({True: "robust (adversarial)", False: "clean"})
+    grid = sns.relplot(data=data, x="epsilon", y=column, hue="norm", style="training", col="noise_multiplier",
+                       kind="line", marker="o", errorbar="sd", facet_kws={"sharex": False}, height=3.2,
+                       col_wrap=min(3, data["noise_multiplier"].nunique()))
+    ylabel = "test accuracy (%)" if column == "test_acc" else "robust test accuracy (%)"
+    grid.set_axis_labels(_privacy_label(data), ylabel)
+    grid.set_titles("noise multiplier {col_name}")
+    seeds = data["seed"].nunique()
+    grid.figure.suptitle(f"{ylabel} vs privacy spent, one point per epoch (mean and sd over {seeds} seed(s))",
+                         y=1.03)
+    return _save(grid.figure, out, name)
+
+
+def run_curves(run_dir: Path, out: Path, name: str) -> list:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = pd.DataFrame(rows)
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    accuracy = metrics.melt(id_vars="epoch", value_vars=[c for c in ("train_acc", "test_acc", "robust_acc")
+                                                          if c in metrics and metrics[c].notna().any()],
+                            var_name="split", value_name="accuracy (%)").dropna()
+    sns.lineplot(data=accuracy, x="epoch", y="accuracy (%)", hue="split", marker="o", ax=axes[0])
+    loss = metrics.melt(id_vars="epoch", value_vars=["train_loss", "test_loss"], var_name="split",
+                        value_name="cross-entropy (nats)")
+    sns.lineplot(data=loss, x="epoch", y="cross-entropy (nats)", hue="split", marker="o", ax=axes[1])
+    if metrics["epsilon"].notna().any() and (metrics["epsilon"] != float("inf")).all():
+        sns.lineplot(data=metrics, x="epoch", y="epsilon", marker="o", ax=axes[2])
+        axes[2].set_ylabel(f"epsilon ({summary.get('accountant')}, delta {summary.get('delta'):g})")
+    else:
+        axes[2].text(0.5, 0.5, "non-private: no epsilon", ha="center", va="center", transform=axes[2].transAxes)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    figure.suptitle(f"run {run_dir.name}: {summary.get('dataset')}, norm {summary.get('norm')}, "
+                    f"engine {summary.get('engine')}")
+    figure.tight_layout()
+    return _save(figure, out, name)
+
+
+def engine_benchmark(rows_path: Path, out: Path, name: str) -> list:
+    rows = pd.DataFrame(json.loads(Path(rows_path).read_text()))
+    rows = rows[rows["engine"] != "non-private"].dropna(subset=["time_ratio"])
+    rows["configuration"] = rows["model"] + " " + rows["norm"] + " b" + rows["batch"].astype(str)
+    long = rows.melt(id_vars=["configuration", "engine"], value_vars=["time_ratio", "mem_ratio"],
+                     var_name="measure", value_name="ratio")
+    long["measure"] = long["measure"].map({"time_ratio": "step time / non-private",
+                                           "mem_ratio": "peak memory / non-private"})
+    grid = sns.catplot(data=long, x="configuration", y="ratio", hue="engine", col="measure", kind="bar",
+                       height=3.6, aspect=1.5, sharey=False)
+    grid.set_axis_labels("", "ratio to non-private training (x)")
+    grid.set_titles("{col_name}")
+    for ax in grid.axes.flat:
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.tick_params(axis="x", rotation=30)
+    return _save(grid.figure, out, name)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.figures", description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", type=Path, nargs="?", help="a table from experiments.collect")
+    parser.add_argument("--run", type=Path, help="a run directory for the per-epoch curves")
+    parser.add_argument("--benchmark", type=Path, help="benchmark rows (benchmarks/results_cpu.json)")
+    parser.add_argument("--out", type=Path, default=Path("images"))
+    parser.add_argument("--prefix", default=None, help="file name prefix (default: the sweep name)")
+    args = parser.parse_args(argv)
+    sns.set_theme(style="whitegrid", context="paper")
+    written = []
+    try:
+        if args.csv:
+            if not args.csv.exists():
+                raise UserError(f"{args.csv} does not exist; run python -m experiments.collect first")
+            table = pd.read_csv(args.csv)
+            prefix = args.prefix or str(table["sweep"].iloc[0])
+            written += accuracy_vs_epsilon(table, "test_acc", args.out, f"{prefix}_accuracy_vs_epsilon")
+            written += accuracy_vs_epsilon(table, "robust_acc", args.out, f"{prefix}_robust_accuracy_vs_epsilon")
+        if args.run:
+            written += run_curves(args.run, args.out, f"{args.prefix or args.run.name}_run_curves")
+        if args.benchmark:
+            written += engine_benchmark(args.benchmark, args.out, "engine_benchmark")
+    except (UserError, FileNotFoundError) as error:
+        print(f"experiments.figures: error: {error}", file=sys.stderr)
+        return 2
+    if not written:
+        print("experiments.figures: error: nothing to draw (give a CSV, --run or --benchmark)", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Run a sweep on this machine: every grid point is an ordinary ``vision.py`` run.
+
+    python -m experiments.run experiments/sweeps/mnist_study.yaml --jobs 2 [--out runs] [-- EXTRA VISION FLAGS]
+
+Runs go to ``<out>/<sweep name>/<run id>/`` (the usual run-directory format), their console output to
+``<out>/<sweep name>/_logs/<run id>.log``. Rerunning is resumable: a run whose ``summary.json`` says
+``finished`` or ``diverged`` (a real outcome) is skipped; any other state (failed, interrupted, killed
+mid-run) is moved aside to ``<run id>.attempt-N`` and run again. ``--wandb-spec`` prints the same grid as a
+wandb sweep instead, for ``wandb sweep`` + ``wandb agent`` on many machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from experiments.sweep import GridPoint, Sweep, load_sweep, wandb_sweep_spec
+from src.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DONE_STATES = ("finished", "diverged")
+
+
+def run_state(run_dir: Path) -> str:
+    """'missing', or the status in summary.json ('unreadable' if it cannot be read)."""
+    if not run_dir.exists():
+        return "missing"
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status", "unreadable")
+    except (OSError, ValueError):
+        return "unreadable"
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Keep a failed attempt for inspection, out of the way of the retry (and of result collection)."""
+    attempt = 1
+    while run_dir.with_name(f"{run_dir.name}.attempt-{attempt}").exists():
+        attempt += 1
+    target = run_dir.with_name(f"{run_dir.name}.attempt-{attempt}")
+    run_dir.rename(target)
+    return target
+
+
+def command_for(sweep: Sweep, point: GridPoint, sweep_dir: Path, extra: list, wandb_mode: str) -> list:
+    return [sys.executable, str(REPO / "vision.py"), "--dataset", sweep.dataset, *point.argv(), *extra,
+            "--out", str(sweep_dir), "--run-id", point.run_id, "--wandb-group", sweep.name, "--wandb", wandb_mode]
+
+
+def run_point(command: list, log_path: Path, threads: int) -> int:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("WANDB_SILENT", "true")
+    with open(log_path, "w") as log:
+        return subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def run_sweep(sweep: Sweep, *, out: Path, jobs: int, extra: list, wandb_mode: str = "offline") -> dict:
+    sweep_dir = out / sweep.name
+    (sweep_dir / "_logs").mkdir(parents=True, exist_ok=True)
+    points = sweep.points()
+    todo, counts = [], {"skipped": 0, "finished": 0, "failed": 0, "retried": 0}
+    for point in points:
+        state = run_state(sweep_dir / point.run_id)
+        if state in DONE_STATES:
+            counts["skipped"] += 1
+            continue
+        if state != "missing":
+            set_aside(sweep_dir / point.run_id)
+            counts["retried"] += 1
+        todo.append(point)
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    failures = []
+    bar = tqdm(total=len(points), initial=counts["skipped"], desc=f"sweep {sweep.name}", unit="run",
+               file=sys.stderr, dynamic_ncols=True)
+    with bar, ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_point, command_for(sweep, p, sweep_dir, extra, wandb_mode),
+                               sweep_dir / "_logs" / f"{p.run_id}.log", threads): p for p in todo}
+        for future in as_completed(futures):
+            point = futures[future]
+            code = future.result()
+            state = run_state(sweep_dir / point.run_id)
+            if code == 0 or state in DONE_STATES:
+                counts["finished"] += 1
+            else:
+                counts["failed"] += 1
+                failures.append(f"{point.run_id} (exit {code}, {state}; see _logs/{point.run_id}.log)")
+            bar.update(1)
+    summary = {"sweep": sweep.name, "runs": len(points), **counts, "failures": failures,
+               "directory": str(sweep_dir)}
+    return summary
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, extra = argv[:split], argv[split + 1:]
+    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_file")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="folder for the sweep's folder (default runs)")
+    parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline")
+    parser.add_argument("--wandb-spec", action="store_true", help="print the wandb sweep spec (YAML) and exit")
+    parser.add_argument("--list", action="store_true", help="list the grid points and their state, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        if args.jobs < 1:
+            raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+        sweep = load_sweep(args.sweep_file)
+        if args.wandb_spec:
+            print(yaml.safe_dump(wandb_sweep_spec(sweep), sort_keys=False))
+            return 0
+        if args.list:
+            for point in sweep.points():
+                print(f"{run_state(args.out / sweep.name / point.run_id):10s} {point.run_id}")
+            return 0
+        summary = run_sweep(sweep, out=args.out, jobs=args.jobs, extra=extra, wandb_mode=args.wandb)
+    except UserError as error:
+        print(f"experiments.run: error: {error}", file=sys.stderr)
+        return 2
+    print(f"sweep {summary['sweep']}: {summary['runs']} runs, {summary['skipped']} already done, "
+          f"{summary['finished']} finished now, {summary['failed']} failed ({summary['retried']} retried); "
+          f"{summary['directory']}")
+    for failure in summary["failures"]:
+        print(f"  failed: {failure}")
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Sweeps end to end on tiny data: the runner runs and resumes, collect makes the table, figures draw it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from experiments.point import parse, to_argv
+from experiments.sweep import load_sweep, point_flags, wandb_sweep_spec
+from src.errors import UserError
+from tests.conftest import REPO
+
+SMOKE = REPO / "experiments" / "sweeps" / "smoke.yaml"
+
+
+def experiments(module: str, *args, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_SILENT="true", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", f"experiments.{module}", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_smoke_sweep_runs_resumes_collects_and_draws(tiny_root, tmp_path):
+    out = tmp_path / "runs"
+    first = experiments("run", SMOKE, "--jobs", 2, "--out", out, "--wandb", "disabled", "--", "--data-root",
+                        tiny_root, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr + first.stdout
+    runs = sorted(p.name for p in (out / "smoke").iterdir() if not p.name.startswith("_"))
+    assert runs == ["norm-group", "norm-none"]
+    summaries = {r: json.loads((out / "smoke" / r / "summary.json").read_text()) for r in runs}
+    assert all(s["status"] == "finished" for s in summaries.values())
+    assert {s["norm"] for s in summaries.values()} == {"group", "none"}
+
+    # Resume: finished runs are skipped; a failed one is set aside and retried.
+    stamps = {r: (out / "smoke" / r / "summary.json").stat().st_mtime_ns for r in runs}
+    broken = dict(summaries["norm-none"], status="failed")
+    (out / "smoke" / "norm-none" / "summary.json").write_text(json.dumps(broken))
+    second = experiments("run", SMOKE, "--out", out, "--wandb", "disabled", "--", "--data-root", tiny_root,
+                         cwd=tmp_path)
+    assert second.returncode == 0, second.stderr + second.stdout
+    assert "1 already done, 1 finished now" in second.stdout
+    assert (out / "smoke" / "norm-group" / "summary.json").stat().st_mtime_ns == stamps["norm-group"]
+    assert json.loads((out / "smoke" / "norm-none" / "summary.json").read_text())["status"] == "finished"
+    assert (out / "smoke" / "norm-none.attempt-1").is_dir()
+    third = experiments("run", SMOKE, "--out", out, "--wandb", "disabled", cwd=tmp_path)
+    assert "2 already done, 0 finished now" in third.stdout
+
+    csv = tmp_path / "smoke.csv"
+    collected = experiments("collect", out / "smoke", "--csv", csv, cwd=tmp_path)
+    assert collected.returncode == 0, collected.stderr
+    table = pd.read_csv(csv)
+    assert len(table) == 4 and set(table["run_id"]) == {"norm-group", "norm-none"}  # 2 runs x 2 epochs
+    assert table.groupby("run_id")["epsilon"].is_monotonic_increasing.all()
+    assert table["robust_acc"].notna().sum() == 2  # measured after the last epoch of each run
+
+    images = tmp_path / "images"
+    drawn = experiments("figures", csv, "--run", out / "smoke" / "norm-none", "--benchmark",
+                        REPO / "benchmarks" / "results_cpu.json", "--out", images, cwd=tmp_path)
+    assert drawn.returncode == 0, drawn.stderr
+    for name in ("smoke_accuracy_vs_epsilon", "smoke_robust_accuracy_vs_epsilon", "norm-none_run_curves",
+                 "engine_benchmark"):
+        assert (images / f"{name}.png").stat().st_size > 5000, name
+        assert (images / f"{name}.pdf").stat().st_size > 1000, name
+
+
+def test_sweep_files_expand_to_named_points():
+    study = load_sweep(REPO / "experiments" / "sweeps" / "mnist_study.yaml")
+    points = study.points()
+    assert len(points) == 3 * 2 * 2 * 3 and len({p.run_id for p in points}) == len(points)
+    clean = next(p for p in points if not p.values["robust"])
+    robust = next(p for p in points if p.values["robust"])
+    assert "--attack" not in clean.argv() and "--robust" not in clean.argv()
+    assert "--robust" in robust.argv() and "--attack" in robust.argv()
+    assert load_sweep(REPO / "experiments" / "sweeps" / "cifar10_study.yaml").dataset == "cifar10"
+
+
+def test_wandb_spec_is_the_same_grid_and_its_entry_point_applies_the_same_rule():
+    sweep = load_sweep(REPO / "experiments" / "sweeps" / "mnist_study.yaml")
+    spec = yaml.safe_load(yaml.safe_dump(wandb_sweep_spec(sweep)))
+    assert spec["method"] == "grid" and spec["parameters"]["noise"]["values"] == [1.0, 5.0, 10.0]
+    assert spec["parameters"]["attack"]["value"] == "fgsm-rs"
+    # What a wandb agent passes for a clean point: --robust is absent, --attack present; the entry point drops it.
+    agent_args = ["--dataset", "mnist", "--noise=1.0", "--norm=none", "--attack=fgsm-rs", "--epochs=10"]
+    assert to_argv(point_flags(parse(agent_args))) == ["--dataset", "mnist", "--noise", "1.0", "--norm", "none",
+                                                       "--epochs", "10"]
+    assert "--attack" in to_argv(point_flags(parse(agent_args + ["--robust"])))
+
+
+@pytest.mark.parametrize("text,words", [("name: x\ndataset: mnist\n", "lacks grid"),
+                                        ("name: x\ndataset: mnist\ngrid: {noise: []}\n", "non-empty list"),
+                                        ("name: x\ndataset: mnist\ngrid: {noise: [1]}\nfixed: {out: y}\n",
+                                         "sets out"),
+                                        ("name: a/b\ndataset: mnist\ngrid: {noise: [1]}\n", "plain folder name"),
+                                        ("[", "not valid YAML")])
+def test_bad_sweep_files(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=words):
+        load_sweep(path)
