@@ -154,3 +154,21 @@ def test_norm_rules_for_other_conv_and_norm_layers(layers, shape):
     for engine in ("mixed-ghost", "bk"):
         got = engine_norms(engine, model, images, labels)
         assert ((got - expected).abs() / expected).max().item() <= 1e-6, engine
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("norm", ["bn-public", "group"])
+def test_opacus_own_checker_accepts_our_layers(mode, norm):
+    """Opacus's per-sample gradient checker (micro-batch reference) on LeNet-5 with our registered layers."""
+    from opacus.utils.per_sample_gradients_utils import check_per_sample_gradients_are_correct
+
+    from dp_layers import refresh_public_statistics
+    from src import mnist
+    from src.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = mnist.DATASET.build_model(ModelConfig(norm=norm, act="tanh")).double()
+    if norm == "bn-public":
+        refresh_public_statistics(model, torch.rand(16, 1, 28, 28, dtype=torch.float64))
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    assert check_per_sample_gradients_are_correct(x, model, grad_sample_mode=mode, atol=1e-9, rtol=1e-7)
