@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from attacks.defaults import default_alpha
-from attacks.isolation import attack_view
+from attacks.isolation import attack_view, plain_module
 from attacks.pgd import AttackSpec, perturb
 
 TOLERANCE_PP = 0.5  # accuracy differences (percentage points) below this count as equal
@@ -44,8 +44,8 @@ def robust_accuracy(model: torch.nn.Module, dataset, spec: AttackSpec, *, size: 
             x, y = images[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
             with attack_view(attacked) as plain:
                 adversarial = perturb(plain, x, y, spec, generator=generator)
-            with attack_view(model) as plain, torch.no_grad():
-                correct += (plain(adversarial).argmax(dim=1) == y).sum().item()
+            with torch.no_grad():  # eval mode and no graph: no per-sample hook records anything
+                correct += (plain_module(model)(adversarial).argmax(dim=1) == y).sum().item()
     finally:
         for m, was_training in modes:
             m.train(was_training)

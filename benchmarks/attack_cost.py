@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 CONFIGS = [("lenet5", "none", 512), ("lenet5", "bn-public", 512), ("resnet18", "group", 32)]
-MODELS = {"lenet5": "mnist", "resnet18": "cifar10"}
 
 
 def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -37,40 +36,16 @@ def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
 def measure(model_name: str, norm: str, batch: int, repeats: int, engine: str) -> dict:
     from attacks.adversarial import AdversarialBatches
     from attacks.pgd import AttackSpec
-    from dp_layers import refresh_public_statistics
-    from src.accounting import plan_privacy
-    from src.config import build_config
-    from src.data import ImageTensorDataset
-    from src.datasets import get_dataset
-    from src.privacy import attach
+    from benchmarks.setup import bench_training
 
-    spec = get_dataset(MODELS[model_name])
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch * 2, *spec.image_shape), dtype=torch.uint8, generator=generator)
-    data = ImageTensorDataset(images, torch.randint(0, 10, (batch * 2,), generator=generator))
-    x, y = data.__getitems__(range(batch))
-
-    def build(engine_name):
-        flags = {"dataset": spec.name, "engine": engine_name, "norm": norm, "batch_size": batch,
-                 "physical_batch_size": batch, "lr": 0.01, "clip": 1.0, "epochs": 1}
-        if engine_name != "non-private":
-            flags["noise"] = 1.0
-        config = build_config(flags, spec.defaults)
-        torch.manual_seed(0)
-        model = spec.build_model(config.model)
-        if norm == "bn-public":
-            refresh_public_statistics(model, torch.rand(128, *spec.image_shape))
-        return attach(model, data, config, plan_privacy(config, len(data)),
-                      sampling_generator=torch.Generator().manual_seed(1),
-                      noise_generator=torch.Generator().manual_seed(2) if engine_name != "non-private" else None)
-
-    plain = build("non-private")
+    cpu = torch.device("cpu")
+    plain = bench_training(model_name, norm, batch, "non-private", device=cpu, momentum=0.0).training
+    bench = bench_training(model_name, norm, batch, engine, device=cpu, momentum=0.0)
+    private, x, y = bench.training, bench.images, bench.labels
 
     def plain_step():
         plain.optimizer.zero_grad()
         F.cross_entropy(plain.model(x), y).backward()
-
-    private = build(engine)
 
     def private_step():
         private.optimizer.zero_grad()

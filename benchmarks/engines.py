@@ -28,7 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENGINES = ["non-private", "hooks", "functorch", "ghost", "mixed-ghost", "bk"]
 ENGINE_LABELS = {"non-private": "non-private", "hooks": "Opacus hooks", "functorch": "Opacus functorch",
                  "ghost": "Opacus ghost (stock)", "mixed-ghost": "mixed ghost (ours)", "bk": "book-keeping (ours)"}
-MODELS = {"lenet5": "mnist", "resnet18": "cifar10"}
 FULL = [("lenet5", "none", 256), ("lenet5", "bn-public", 256), ("resnet18", "group", 32),
         ("resnet18", "bn-public", 32), ("resnet18", "group", 64), ("resnet18", "bn-public", 64)]
 QUICK = [("lenet5", "group", 64)]
@@ -39,34 +38,11 @@ def measure(model_name: str, norm: str, batch: int, engine: str, steps: int, war
     """One configuration, in this process: median step time (ms) and peak memory (MB)."""
     import torch
 
-    from src.config import build_config
-    from src.data import ImageTensorDataset, PublicData
-    from src.datasets import get_dataset
-    from src.accounting import plan_privacy
-    from src.privacy import attach
-    from src.train import public_refresher
+    from benchmarks.setup import bench_training
 
-    spec = get_dataset(MODELS[model_name])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flags = {"dataset": spec.name, "engine": engine, "norm": norm, "batch_size": batch,
-             "physical_batch_size": batch, "lr": 0.01, "momentum": 0.9, "clip": 1.0, "epochs": 1}
-    if engine != "non-private":
-        flags["noise"] = 1.0
-    config = build_config(flags, spec.defaults)
-    shape = spec.image_shape if not image_size else (spec.image_shape[0], image_size, image_size)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch * 4, *shape), dtype=torch.uint8, generator=generator)
-    data = ImageTensorDataset(images, torch.randint(0, 10, (batch * 4,), generator=generator))
-    public = PublicData(images=torch.randint(0, 256, (128, *shape), dtype=torch.uint8, generator=generator),
-                        source="random")
-    plan = plan_privacy(config, len(data))
-    torch.manual_seed(0)
-    model = spec.build_model(config.model).to(device)
-    noise_generator = torch.Generator(device=device).manual_seed(1) if plan.private else None
-    training = attach(model, data, config, plan, sampling_generator=torch.Generator().manual_seed(2),
-                      noise_generator=noise_generator)
-    refresh = public_refresher(training, public, device)
-    x, y = (t.to(device) for t in data.__getitems__(range(batch)))
+    bench = bench_training(model_name, norm, batch, engine, image_size=image_size)
+    training, x, y, refresh, device = (bench.training, bench.images, bench.labels, bench.refresh_public,
+                                       bench.device)
 
     def step():
         if refresh is not None:

@@ -8,8 +8,8 @@ from pathlib import Path
 from src.config import Config
 from src.data import DatasetSpec
 from src.errors import UserError
-from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit
-from src.train import derive_seeds, evaluate, load_run_model, resolve_device, run_masking_checks
+from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit, recording_outcome
+from src.train import derive_seeds, evaluate, exit_code_for, load_run_model, resolve_device, run_masking_checks
 from attacks.robust_eval import robust_accuracy
 
 
@@ -47,26 +47,23 @@ def run_eval_only(config: Config, spec: DatasetSpec, source_run: str) -> dict:
                "dataset": spec.name, "test_acc": None, "robust_acc": None,
                "eval_attack": robust.eval_attack().to_dict(), "eval_robust_size": robust.eval_robust_size}
     try:
-        test_loss, test_acc = evaluate(model, data.test, batch_size=config.train.eval_batch_size, device=device)
-        summary.update(test_loss=test_loss, test_acc=test_acc)
-        summary["robust_acc"] = robust_accuracy(model, data.test, robust.eval_attack(), size=robust.eval_robust_size,
-                                                batch_size=config.train.eval_batch_size, device=device,
-                                                seed=seeds.evaluation)
-        print(f"{source_id}: test accuracy {test_acc:.2f}%, robust accuracy {summary['robust_acc']:.2f}% "
-              f"({robust.eval_attack().describe()}, {min(robust.eval_robust_size, len(data.test))} images)", flush=True)
-        if robust.masking_checks or transfer_source is not None:
-            summary["masking_checks"] = run_masking_checks(model, data.test, config, device, seeds.evaluation,
-                                                           summary["robust_acc"], transfer_source)
-        summary["status"] = "finished"
-    except KeyboardInterrupt:
-        summary.update(status="interrupted", reason="interrupted by the user (KeyboardInterrupt)")
-    except Exception as error:
-        summary.update(status="failed", reason=f"{type(error).__name__}: {error}")
-        raise
+        with recording_outcome(summary):
+            test_loss, test_acc = evaluate(model, data.test, batch_size=config.train.eval_batch_size, device=device)
+            summary.update(test_loss=test_loss, test_acc=test_acc)
+            summary["robust_acc"] = robust_accuracy(model, data.test, robust.eval_attack(),
+                                                    size=robust.eval_robust_size,
+                                                    batch_size=config.train.eval_batch_size, device=device,
+                                                    seed=seeds.evaluation)
+            print(f"{source_id}: test accuracy {test_acc:.2f}%, robust accuracy {summary['robust_acc']:.2f}% "
+                  f"({robust.eval_attack().describe()}, {min(robust.eval_robust_size, len(data.test))} images)",
+                  flush=True)
+            if robust.masking_checks or transfer_source is not None:
+                summary["masking_checks"] = run_masking_checks(model, data.test, config, device, seeds.evaluation,
+                                                               summary["robust_acc"], transfer_source)
     finally:
         summary["wall_seconds"] = time.time() - started
         run_dir.write_summary(summary)
         tracker.log({k: summary[k] for k in ("test_acc", "robust_acc") if summary.get(k) is not None}, step=0)
-        tracker.finish(summary, exit_code=0 if summary["status"] == "finished" else 1)
+        tracker.finish(summary, exit_code=exit_code_for(summary))
     print(f"wrote {run_dir.path}", flush=True)
     return summary

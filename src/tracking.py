@@ -16,11 +16,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 import torch
 
-from src.errors import UserError
+from src.errors import TrainingStopped, UserError
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,23 @@ class RunDirectory:
 
     def save_model(self, state_dict: dict) -> None:
         atomic_torch_save(self.path / "model.pt", state_dict)
+
+
+@contextmanager
+def recording_outcome(summary: dict):
+    """Set ``summary["status"]`` (and ``reason``) from how the block ends: finished, a clean stop
+    (TrainingStopped), interrupted, or failed (re-raised). The caller writes the summary in its ``finally``."""
+    try:
+        yield
+        summary["status"] = "finished"
+    except TrainingStopped as stop:
+        summary.update(status=stop.status, reason=stop.reason)
+        log.error("run stopped: %s", stop.reason)
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", reason="interrupted by the user (KeyboardInterrupt)")
+    except Exception as error:
+        summary.update(status="failed", reason=f"{type(error).__name__}: {error}")
+        raise
 
 
 class WandbRun:

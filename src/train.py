@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -20,12 +22,12 @@ from attacks.adversarial import AdversarialBatches
 from attacks.robust_eval import masking_checks, robust_accuracy
 from dp_layers import has_public_batchnorm, refresh_public_statistics
 from src import datasets as dataset_registry
-from src.config import Config
+from src.config import Config, ModelConfig
 from src.data import DatasetSpec, PublicData
 from src.errors import TrainingStopped, UserError
 from src.accounting import GDP_NOTE, PrivacyPlan, epsilon_by_accountant, epsilon_from_history, plan_privacy
 from src.privacy import Training, attach
-from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit, new_run_id
+from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit, new_run_id, recording_outcome
 
 log = logging.getLogger(__name__)
 
@@ -217,56 +219,49 @@ def run(config: Config, spec: DatasetSpec) -> dict:
               flush=True)
 
     try:
-        step = 0
-        for epoch in range(1, config.train.epochs + 1):
-            epoch_started = time.time()
-            stats = train_epoch(training, physical_batch_size=config.train.physical_batch_size, device=device,
-                                epoch=epoch, epochs=config.train.epochs, steps_per_epoch=plan.steps_per_epoch,
-                                first_step=step, refresh_public=refresh_public,
-                                refresh_every=config.train.public_refresh_every, adversarial=adversarial)
-            step += stats.steps
-            if refresh_public is not None:
-                refresh_public()  # evaluate and save with the statistics of the final weights
-            test_loss, test_acc = evaluate(training.model, data.test, batch_size=config.train.eval_batch_size,
-                                           device=device)
-            epsilon = (epsilon_from_history(config.privacy.accountant, training.history(), plan.delta)
-                       if plan.private else math.inf)
-            train_seconds = time.time() - epoch_started
-            robust_acc = None
-            if robust.eval_robust_size and (epoch % robust.eval_robust_every == 0 or epoch == config.train.epochs):
-                robust_acc = robust_accuracy(training.model, data.test, robust.eval_attack(),
-                                             size=robust.eval_robust_size, batch_size=config.train.eval_batch_size,
-                                             device=device, seed=seeds.evaluation)
-                summary["robust_acc"] = robust_acc
-            row = {"epoch": epoch, "step": step, "train_loss": stats.loss, "train_acc": stats.accuracy,
-                   "test_loss": test_loss, "test_acc": test_acc, "robust_acc": robust_acc, "epsilon": epsilon,
-                   "seconds": time.time() - epoch_started, "train_seconds": train_seconds}
-            run_dir.append_metrics(row)
-            run_dir.save_model(training.base_model.state_dict())
-            tracker.log(row, step=step)
-            summary.update(epochs=epoch, steps=step, train_loss=stats.loss, train_acc=stats.accuracy,
-                           test_loss=test_loss, test_acc=test_acc, epsilon=epsilon,
-                           wall_seconds=time.time() - started)
-            run_dir.write_summary(summary)
-            eps_text = f"eps {epsilon:.3f} ({config.privacy.accountant})" if plan.private else "non-private"
-            robust_text = f"  robust {robust_acc:.2f}%" if robust_acc is not None else ""
-            tqdm.write(f"epoch {epoch}/{config.train.epochs}  loss {stats.loss:.4f}  train {stats.accuracy:.2f}%  "
-                       f"test {test_acc:.2f}%{robust_text}  {eps_text}  {row['seconds']:.1f}s", file=sys.stdout)
-            if not math.isfinite(test_loss):
-                raise TrainingStopped("diverged", f"test loss became {test_loss} after epoch {epoch}; lower --lr")
-        if robust.masking_checks or transfer_source is not None:
-            summary["masking_checks"] = run_masking_checks(training.model, data.test, config, device, seeds.evaluation,
-                                                           summary["robust_acc"], transfer_source)
-            run_dir.write_summary(summary)
-        summary["status"] = "finished"
-    except TrainingStopped as stop:
-        summary.update(status=stop.status, reason=stop.reason)
-        log.error("run stopped: %s", stop.reason)
-    except KeyboardInterrupt:
-        summary.update(status="interrupted", reason="interrupted by the user (KeyboardInterrupt)")
-    except Exception as error:
-        summary.update(status="failed", reason=f"{type(error).__name__}: {error}")
-        raise
+        with recording_outcome(summary):
+            step = 0
+            for epoch in range(1, config.train.epochs + 1):
+                epoch_started = time.time()
+                stats = train_epoch(training, physical_batch_size=config.train.physical_batch_size, device=device,
+                                    epoch=epoch, epochs=config.train.epochs, steps_per_epoch=plan.steps_per_epoch,
+                                    first_step=step, refresh_public=refresh_public,
+                                    refresh_every=config.train.public_refresh_every, adversarial=adversarial)
+                step += stats.steps
+                if refresh_public is not None:
+                    refresh_public()  # evaluate and save with the statistics of the final weights
+                test_loss, test_acc = evaluate(training.model, data.test, batch_size=config.train.eval_batch_size,
+                                               device=device)
+                epsilon = (epsilon_from_history(config.privacy.accountant, training.history(), plan.delta)
+                           if plan.private else math.inf)
+                train_seconds = time.time() - epoch_started
+                robust_acc = None
+                if robust.eval_robust_size and (epoch % robust.eval_robust_every == 0 or epoch == config.train.epochs):
+                    robust_acc = robust_accuracy(training.model, data.test, robust.eval_attack(),
+                                                 size=robust.eval_robust_size, batch_size=config.train.eval_batch_size,
+                                                 device=device, seed=seeds.evaluation)
+                    summary["robust_acc"] = robust_acc
+                row = {"epoch": epoch, "step": step, "train_loss": stats.loss, "train_acc": stats.accuracy,
+                       "test_loss": test_loss, "test_acc": test_acc, "robust_acc": robust_acc, "epsilon": epsilon,
+                       "seconds": time.time() - epoch_started, "train_seconds": train_seconds}
+                run_dir.append_metrics(row)
+                run_dir.save_model(training.base_model.state_dict())
+                tracker.log(row, step=step)
+                summary.update(epochs=epoch, steps=step, train_loss=stats.loss, train_acc=stats.accuracy,
+                               test_loss=test_loss, test_acc=test_acc, epsilon=epsilon,
+                               wall_seconds=time.time() - started)
+                run_dir.write_summary(summary)
+                eps_text = f"eps {epsilon:.3f} ({config.privacy.accountant})" if plan.private else "non-private"
+                robust_text = f"  robust {robust_acc:.2f}%" if robust_acc is not None else ""
+                tqdm.write(f"epoch {epoch}/{config.train.epochs}  loss {stats.loss:.4f}  train {stats.accuracy:.2f}%  "
+                           f"test {test_acc:.2f}%{robust_text}  {eps_text}  {row['seconds']:.1f}s", file=sys.stdout)
+                if not math.isfinite(test_loss):
+                    raise TrainingStopped("diverged", f"test loss became {test_loss} after epoch {epoch}; lower --lr")
+            if robust.masking_checks or transfer_source is not None:
+                summary["masking_checks"] = run_masking_checks(training.model, data.test, config, device,
+                                                               seeds.evaluation, summary["robust_acc"],
+                                                               transfer_source)
+                run_dir.write_summary(summary)
     finally:
         if plan.private:
             summary["epsilon_by_accountant"] = epsilon_by_accountant(training.history(), plan.delta)
@@ -286,17 +281,13 @@ def run(config: Config, spec: DatasetSpec) -> dict:
 
 def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device) -> torch.nn.Module:
     """The saved model of a finished run directory (its config.json says how to build it)."""
-    import json
-    from pathlib import Path
-
-    from src.config import ModelConfig
-
     path = Path(run_path)
     try:
         record = json.loads((path / "config.json").read_text())
         state = torch.load(path / "model.pt", map_location=device, weights_only=True)
     except FileNotFoundError as missing:
-        raise UserError(f"{run_path} is not a finished run directory: {Path(missing.filename).name} is missing") from None
+        raise UserError(f"{run_path} is not a finished run directory: "
+                        f"{Path(missing.filename).name} is missing") from None
     except (OSError, ValueError, RuntimeError) as error:
         raise UserError(f"cannot read the run in {run_path}: {type(error).__name__}: {error}") from None
     dataset = record.get("data", {}).get("dataset")
