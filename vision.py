@@ -7,6 +7,7 @@
     python vision.py --dataset cifar10 --explain-engine    # per-layer per-sample gradient norm methods
     python vision.py --dataset mnist --robust              # PGD adversarial training under DP
     python vision.py --dataset mnist --eval-only RUN_DIR   # clean and robust accuracy of a saved model
+    python vision.py --resume RUN_DIR                      # continue a killed run from its last checkpoint
 """
 import json
 import logging
@@ -23,6 +24,14 @@ def main(argv=None) -> int:
     try:
         from src.datasets import get_dataset, validate_for_dataset
 
+        if actions["resume"]:
+            if actions["dry_run"] or actions["explain_engine"] or actions["eval_only"]:
+                raise UserError("--resume cannot be combined with --dry-run, --explain-engine or --eval-only")
+            from src.resume import resume_config
+            from src.train import exit_code_for, run
+
+            config, spec = resume_config(actions["resume"], flags)
+            return exit_code_for(run(config, spec, resume=True))
         spec = get_dataset(flags["dataset"])
         config = build_config(flags, spec.defaults)
         validate_for_dataset(config, spec)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_dataset_defaults_epilog(),
     )
-    parser.add_argument("--dataset", required=True, choices=("mnist", "cifar10"))
+    parser.add_argument("--dataset", choices=("mnist", "cifar10"), help="required, except with --resume")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the privacy plan as one JSON object and exit, without loading data")
     parser.add_argument("--explain-engine", action="store_true",
@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--public-refresh-every", type=_integer, metavar="STEPS",
                        help="--norm bn-public: recompute the public statistics every STEPS optimizer steps "
                             "(default 1: before every step, as the weights change)")
+    train.add_argument("--checkpoint-every", type=_integer, metavar="STEPS",
+                       help="also checkpoint every STEPS optimizer steps (every epoch end always is)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a killed, failed or interrupted run from its last checkpoint, with its own "
+                            "config.json (only --data-root, --device and --wandb may be given again)")
 
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument("--engine", choices=ENGINES,
@@ -112,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--delta", type=_number)
     privacy.add_argument("--clip", type=_number, help="per-sample gradient norm bound")
     privacy.add_argument("--accountant", choices=ACCOUNTANTS)
+    privacy.add_argument("--max-epsilon", type=_number, metavar="EPS",
+                         help="budget guard: stop cleanly before any step that would take epsilon above EPS "
+                              "(for --accountant)")
+    privacy.add_argument("--secure-rng", action="store_true", default=None,
+                         help="Opacus secure mode: cryptographically secure sampling and noise (needs torchcsprng; "
+                              "runs are then not reproducible from --seed)")
 
     robust = parser.add_argument_group("robustness (PGD adversarial training and robust evaluation)")
     robust.add_argument("--robust", action="store_true", default=None,
@@ -153,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_flags(argv=None) -> tuple:
     """(settings the user gave, {action: bool}) with the data-root environment variable applied."""
-    args = build_parser().parse_args(argv)
-    actions = {"dry_run": args.dry_run, "explain_engine": args.explain_engine, "eval_only": args.eval_only}
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset is None and args.resume is None:
+        parser.error("the following arguments are required: --dataset")
+    actions = {"dry_run": args.dry_run, "explain_engine": args.explain_engine, "eval_only": args.eval_only,
+               "resume": args.resume}
     flags = {k: v for k, v in vars(args).items() if k not in actions}
     if flags["data_root"] is None and os.environ.get(DATA_ROOT_ENV):
         flags["data_root"] = os.environ[DATA_ROOT_ENV]

@@ -41,11 +41,14 @@ GLOBAL_DEFAULTS: Mapping[str, Any] = {
     "device": "auto",
     "eval_batch_size": 1000,
     "public_refresh_every": 1,
+    "checkpoint_every": None,  # steps between mid-epoch checkpoints (every epoch end is always checkpointed)
     "engine": "bk",  # the fastest engine in benchmarks/engines.py (README results)
     "noise": None,
     "target_epsilon": None,
     "delta": 1e-5,
     "accountant": "rdp",
+    "max_epsilon": None,
+    "secure_rng": False,
     "out": "runs",
     "run_id": None,
     "wandb": "offline",
@@ -100,6 +103,7 @@ class TrainConfig:
     device: str
     eval_batch_size: int
     public_refresh_every: int  # bn-public: recompute public statistics every this many optimizer steps
+    checkpoint_every: Optional[int] = None  # also checkpoint every this many steps (None: epoch ends only)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class PrivacyConfig:
     delta: float
     clip: float
     accountant: str
+    max_epsilon: Optional[float] = None  # budget guard: never take a step that would exceed it
+    secure_rng: bool = False  # Opacus secure mode: CSPRNG (torchcsprng) for sampling and noise
 
     @property
     def private(self) -> bool:
@@ -264,6 +270,8 @@ def validate(config: Config) -> None:
              "it bounds the memory of one forward/backward pass and cannot exceed the logical batch")
     _require(t.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, got {t.eval_batch_size}")
     _require(t.public_refresh_every >= 1, f"--public-refresh-every must be at least 1, got {t.public_refresh_every}")
+    _require(t.checkpoint_every is None or t.checkpoint_every >= 1,
+             f"--checkpoint-every must be at least 1, got {t.checkpoint_every}")
     _require(t.optimizer in OPTIMIZERS, f"unknown --optimizer {t.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     _require(t.lr > 0, f"--lr must be positive, got {t.lr}")
     _require(0 <= t.momentum < 1, f"--momentum must be in [0, 1), got {t.momentum}")
@@ -290,9 +298,15 @@ def validate(config: Config) -> None:
                  "(noise 0 gives no privacy guarantee: use --engine non-private)")
         _require(p.target_epsilon is None or p.target_epsilon > 0,
                  f"--target-epsilon must be positive, got {p.target_epsilon}")
+        _require(p.max_epsilon is None or p.max_epsilon > 0, f"--max-epsilon must be positive, got {p.max_epsilon}")
+        if p.max_epsilon is not None and p.target_epsilon is not None:
+            _require(p.target_epsilon <= p.max_epsilon, f"--target-epsilon {p.target_epsilon:g} is above "
+                     f"--max-epsilon {p.max_epsilon:g}: calibrate for at most the budget")
     else:
         _require(p.noise is None and p.target_epsilon is None,
                  "--engine non-private adds no noise: drop --noise/--target-epsilon or pick a private engine")
+        _require(p.max_epsilon is None, "--engine non-private spends no budget it could guard: drop --max-epsilon")
+        _require(not p.secure_rng, "--secure-rng secures the noise of private training: it needs a private --engine")
     _require(o.wandb in WANDB_MODES, f"unknown --wandb {o.wandb!r}; choose from {', '.join(WANDB_MODES)}")
     _require(o.run_id is None or (o.run_id.strip() and "/" not in o.run_id and o.run_id not in (".", "..")),
              f"--run-id must be a plain directory name, got {o.run_id!r}")

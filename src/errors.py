@@ -19,3 +19,8 @@ class TrainingStopped(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class WriteFailed(OSError):
+    """A run's file could not be written (a full disk, a read-only folder): the run is marked failed,
+    the previous version of the file (the last good checkpoint) stays in place."""

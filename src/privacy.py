@@ -5,6 +5,7 @@ and the private ones report every step to Opacus's accountant.
 """
 from __future__ import annotations
 
+import importlib.util
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -131,8 +132,12 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
         _check_schedule(poisson_loader, plan)
         return Training(model=model, optimizer=NonPrivateOptimizer(optimizer), train_loader=poisson_loader,
                         criterion=SumOverExpectedBatch(plan.expected_batch_size), privacy_engine=None)
+    secure = config.privacy.secure_rng
+    if secure:
+        require_secure_rng()
+        noise_generator = None  # Opacus refuses a seeded generator in secure mode; it uses its CSPRNG
     with quiet_accounting():
-        engine = PrivacyEngine(accountant=config.privacy.accountant)
+        engine = PrivacyEngine(accountant=config.privacy.accountant, secure_mode=secure)
         if engine_name == "bk":
             training = _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator)
         else:
@@ -166,17 +171,24 @@ def _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generat
 def _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator) -> Training:
     """bk: the same Opacus parts that ``make_private`` assembles for ghost clipping (Poisson loader,
     fast-gradient-clipping optimizer, accountant hook), around the book-keeping module."""
-    poisson_loader = DPDataLoader.from_data_loader(loader)
+    poisson_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
     sample_rate = 1 / len(loader)
     module = BookKeepingGradSampleModule(model, loss_reduction="mean", max_grad_norm=config.privacy.clip)
     module.forbid_grad_accumulation()
     dp_optimizer = DPOptimizerFastGradientClipping(
         optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip,
         expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean",
-        generator=noise_generator)
+        generator=engine.secure_rng if engine.secure_mode else noise_generator, secure_mode=engine.secure_mode)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     return Training(model=module, optimizer=dp_optimizer, train_loader=poisson_loader,
                     criterion=BookKeepingLoss(module, nn.CrossEntropyLoss()), privacy_engine=engine)
+
+
+def require_secure_rng() -> None:
+    """Opacus's secure mode draws sampling and noise from torchcsprng, an optional extra dependency."""
+    if importlib.util.find_spec("torchcsprng") is None:
+        raise UserError("--secure-rng needs the torchcsprng package (Opacus's secure mode), which is not "
+                        "installed; see README 'Secure RNG'")
 
 
 def _check_schedule(poisson_loader, plan: PrivacyPlan) -> None:

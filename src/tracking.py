@@ -7,6 +7,7 @@ wandb is imported only when enabled, and a wandb failure never costs the run its
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from src.errors import TrainingStopped, UserError
+from src.errors import TrainingStopped, UserError, WriteFailed
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,19 @@ log = logging.getLogger(__name__)
 def _atomic_write(path: Path, write: Callable) -> None:
     """Write through ``write(file_object)`` into a temporary sibling, then rename over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not isinstance(error, WriteFailed):
+            raise WriteFailed(f"cannot write {path}: {error.strerror or error}") from error
         raise
 
 
@@ -61,7 +66,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """Serialise in memory first, so a failing disk surfaces as an OSError from the file write itself."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def git_commit() -> Optional[str]:
@@ -109,6 +117,9 @@ class RunDirectory:
     def append_metrics(self, row: dict) -> None:
         """Rewrite metrics.jsonl whole, atomically: a crash mid-write can never leave half a line."""
         self.metrics.append(json_safe(row))
+        self.rewrite_metrics()
+
+    def rewrite_metrics(self) -> None:
         atomic_write_text(self.path / "metrics.jsonl",
                           "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.metrics))
 
@@ -129,6 +140,9 @@ def recording_outcome(summary: dict):
     except TrainingStopped as stop:
         summary.update(status=stop.status, reason=stop.reason)
         log.error("run stopped: %s", stop.reason)
+    except WriteFailed as fault:  # a fault, not a bug: one line, no traceback, the last good files kept
+        summary.update(status="failed", reason=str(fault))
+        log.error("run failed: %s", fault)
     except KeyboardInterrupt:
         summary.update(status="interrupted", reason="interrupted by the user (KeyboardInterrupt)")
     except Exception as error:

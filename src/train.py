@@ -25,7 +25,10 @@ from src import datasets as dataset_registry
 from src.config import Config, ModelConfig
 from src.data import DatasetSpec, PublicData
 from src.errors import TrainingStopped, UserError
-from src.accounting import GDP_NOTE, PrivacyPlan, epsilon_by_accountant, epsilon_from_history, plan_privacy
+from src.accounting import (GDP_NOTE, PrivacyPlan, epsilon_after_steps, epsilon_by_accountant, epsilon_from_history,
+                            plan_privacy)
+from src import checkpoint
+from src.checkpoint import EpochProgress, Position, resumed_sampling
 from src.privacy import Training, attach
 from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit, new_run_id, recording_outcome
 
@@ -56,14 +59,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@dataclass
-class EpochStats:
-    loss: float
-    accuracy: float
-    examples: int
-    steps: int
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, *, batch_size: int, device: torch.device) -> tuple:
     """(mean cross-entropy, accuracy in %) over ``dataset`` in eval mode; restores the previous mode."""
@@ -85,55 +80,77 @@ def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tenso
                    adversarial: Optional[AdversarialBatches] = None) -> tuple:
     """Forward/backward on one physical batch and ``optimizer.step()`` (a real step only at the end of a
     logical batch). With ``adversarial`` (robust training) the batch is first attacked against the current
-    weights. Returns the batch's summed loss and correct count (on the inputs trained on), for logging."""
+    weights. Returns the batch's summed loss and correct count (on the inputs trained on), for logging.
+
+    A non-finite loss stops the run before its gradient touches the weights, and non-finite weights after
+    a step stop it too: either way the last checkpoint (and model.pt) stay the last good ones.
+    """
     if adversarial is not None:
         images = adversarial(training.model, images, labels)
     training.optimizer.zero_grad()
     logits = training.model(images)
+    batch_loss = F.cross_entropy(logits.detach(), labels, reduction="sum").item() if len(labels) else 0.0
+    if not math.isfinite(batch_loss):
+        raise TrainingStopped("diverged", f"training loss became {batch_loss}; lower --lr or --clip "
+                                          "(the last checkpoint is kept)")
     training.criterion(logits, labels).backward()
     training.optimizer.step()
-    logits = logits.detach()
-    return (F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0,
-            (logits.argmax(dim=1) == labels).sum().item())
+    if training.took_step() and not all(torch.isfinite(p).all() for p in training.base_model.parameters()):
+        raise TrainingStopped("diverged", "a step made the weights non-finite (infinite or NaN gradients); lower "
+                                          "--lr or --clip (the last checkpoint is kept)")
+    return batch_loss, (logits.detach().argmax(dim=1) == labels).sum().item()
 
 
 def train_epoch(training: Training, *, physical_batch_size: int, device: torch.device, epoch: int,
                 epochs: int, steps_per_epoch: int, first_step: int,
                 refresh_public: Optional[Callable[[], None]] = None, refresh_every: int = 1,
-                adversarial: Optional[AdversarialBatches] = None) -> EpochStats:
+                adversarial: Optional[AdversarialBatches] = None, progress: Optional[EpochProgress] = None,
+                sampling_state: Optional[torch.Tensor] = None, step_limit: Optional[int] = None,
+                after_step: Optional[Callable[[EpochProgress], None]] = None) -> EpochProgress:
     """One pass of Poisson-sampled logical batches, split into physical batches by BatchMemoryManager.
 
-    ``refresh_public`` (bn-public models) recomputes the public BatchNorm statistics before the first
-    physical batch of every ``refresh_every``-th logical batch, so each step normalizes with statistics
-    of the current weights.
+    ``first_step`` counts the steps taken before this epoch. ``refresh_public`` (bn-public models)
+    recomputes the public BatchNorm statistics before the first physical batch of every
+    ``refresh_every``-th logical batch, so each step normalizes with statistics of the current weights.
+    A resumed epoch passes its ``progress`` so far and the sampling generator's state at that point; the
+    epoch then draws only its remaining batches. The epoch ends early, before step ``step_limit + 1``
+    (the privacy budget), and ``after_step`` is called after every step (mid-epoch checkpoints).
     """
     training.model.train()
-    loss_sum, correct, examples, steps = 0.0, 0, 0, 0
+    progress = progress or EpochProgress()
     starts_logical_batch = True
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False,
-               dynamic_ncols=True, disable=None, file=sys.stderr)
+    bar = tqdm(total=steps_per_epoch, initial=progress.steps, desc=f"epoch {epoch}/{epochs}", unit="step",
+               leave=False, dynamic_ncols=True, disable=None, file=sys.stderr)
     # torch notes that the first layer's full backward hook sees no input gradient (inputs are data):
     # expected under Opacus's hooks, and only noise in the output.
     with warnings.catch_warnings(), bar, BatchMemoryManager(
             data_loader=training.train_loader, max_physical_batch_size=physical_batch_size,
-            optimizer=training.optimizer) as physical_batches:
+            optimizer=training.optimizer) as physical_batches, resumed_sampling(
+            training.train_loader.batch_sampler, steps_per_epoch - progress.steps, sampling_state) as started:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for images, labels in physical_batches:
-            if refresh_public is not None and starts_logical_batch and (first_step + steps) % refresh_every == 0:
+        batches = iter(physical_batches)
+        started()
+        for images, labels in batches:
+            step = first_step + progress.steps  # steps taken before this batch's
+            if starts_logical_batch and step_limit is not None and step >= step_limit:
+                break
+            if refresh_public is not None and starts_logical_batch and step % refresh_every == 0:
                 refresh_public()
-            batch_loss, batch_correct = _physical_step(training, images.to(device), labels.to(device), adversarial)
-            if not math.isfinite(batch_loss):
-                raise TrainingStopped("diverged", f"training loss became {batch_loss} at step "
-                                      f"{first_step + steps + 1} (epoch {epoch}); lower --lr or --clip")
-            loss_sum, correct, examples = loss_sum + batch_loss, correct + batch_correct, examples + len(labels)
+            try:
+                batch_loss, batch_correct = _physical_step(training, images.to(device), labels.to(device), adversarial)
+            except TrainingStopped as stop:
+                raise TrainingStopped(stop.status, f"step {step + 1} (epoch {epoch}): {stop.reason}") from None
+            progress.loss_sum += batch_loss
+            progress.correct += batch_correct
+            progress.examples += len(labels)
             starts_logical_batch = training.took_step()
             if starts_logical_batch:
-                steps += 1
+                progress.steps += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / max(examples, 1):.3f}",
-                                acc=f"{100.0 * correct / max(examples, 1):.1f}%", refresh=False)
-    return EpochStats(loss=loss_sum / max(examples, 1), accuracy=100.0 * correct / max(examples, 1),
-                      examples=examples, steps=steps)
+                bar.set_postfix(loss=f"{progress.loss:.3f}", acc=f"{progress.accuracy:.1f}%", refresh=False)
+                if after_step is not None:
+                    after_step(progress)
+    return progress
 
 
 def public_refresher(training: Training, public: Optional[PublicData],
@@ -156,13 +173,32 @@ def _describe(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> str:
             f"{plan.epochs} epoch(s) x {plan.steps_per_epoch} steps; {privacy}")
 
 
-def run(config: Config, spec: DatasetSpec) -> dict:
-    """Train one configuration end to end and return its summary (also written to summary.json).
+@dataclass
+class RunSession:
+    """One run's moving parts, so the epoch loop, checkpoints and resume share them."""
 
-    Everything that can be refused (data, privacy plan, output folder) is checked before the run
-    directory exists, so a bad request leaves nothing behind.
-    """
-    started = time.time()
+    config: Config
+    plan: PrivacyPlan
+    data: object
+    device: torch.device
+    seeds: Seeds
+    training: Training
+    generators: dict  # name -> torch.Generator whose state a checkpoint keeps (sampling, noise, attack)
+    refresh_public: Optional[Callable[[], None]]
+    adversarial: Optional[AdversarialBatches]
+    run_dir: RunDirectory
+    summary: dict
+    tracker: Optional[WandbRun] = None
+
+    def save_checkpoint(self, position: Position) -> None:
+        checkpoint.save(self.run_dir.path, checkpoint.capture(
+            model=self.training.base_model, optimizer=self.training.optimizer.original_optimizer,
+            history=self.training.history(), generators=self.generators, position=position,
+            metrics=self.run_dir.metrics, summary=self.summary))
+
+
+def _prepare(config: Config, spec: DatasetSpec) -> tuple:
+    """Data, privacy plan, model and engine: everything that can be refused, before any file is written."""
     device = resolve_device(config.train.device)
     check_wandb_mode(config.output.wandb)
     data = spec.load(config.data, dataset_registry.needs_public_data(config))
@@ -176,87 +212,85 @@ def run(config: Config, spec: DatasetSpec) -> dict:
     if plan.private:
         noise_generator = torch.Generator(device=device)
         noise_generator.manual_seed(seeds.noise)
-    training = attach(model, data.train, config, plan,
-                      sampling_generator=torch.Generator().manual_seed(seeds.sampling),
+    sampling_generator = torch.Generator().manual_seed(seeds.sampling)
+    training = attach(model, data.train, config, plan, sampling_generator=sampling_generator,
                       noise_generator=noise_generator)
-    refresh_public = public_refresher(training, data.public, device)
+    generators = {"sampling": sampling_generator, "noise": noise_generator}
+    if config.privacy.secure_rng:  # a CSPRNG has no state to keep: resumed secure runs are not replays
+        generators = {}
     robust = config.robust
     adversarial = None
     if robust.robust:
-        attack_generator = torch.Generator(device=device).manual_seed(seeds.attack)
-        adversarial = AdversarialBatches(robust.train_attack(), robust.adv_ratio, attack_generator)
-    transfer_source = load_run_model(robust.transfer_from, spec, device) if robust.transfer_from else None
+        generators["attack"] = torch.Generator(device=device).manual_seed(seeds.attack)
+        adversarial = AdversarialBatches(robust.train_attack(), robust.adv_ratio, generators["attack"])
+    return device, data, plan, seeds, training, generators, adversarial
 
-    run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
-    record = {**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(), "plan": plan.to_dict(),
-              "data_notes": data.notes, "public_data": data.public.source if data.public else None,
-              "n_test": len(data.test), "device": str(device)}
-    run_dir.write_config(record)
-    summary = {"run_id": run_dir.run_id, "status": "running", "reason": None, "dataset": config.data.dataset,
-               "norm": config.model.norm, "engine": config.privacy.engine, "accountant": config.privacy.accountant,
-               "delta": plan.delta, "noise_multiplier": plan.noise_multiplier, "n_train": plan.n_train,
-               "sample_rate": plan.sample_rate, "epochs": 0, "steps": 0, "train_loss": None, "train_acc": None,
-               "test_loss": None, "test_acc": None, "epsilon": None if plan.private else math.inf,
-               "epsilon_by_accountant": None, "robust": robust.robust, "robust_acc": None,
-               "eval_attack": robust.eval_attack().to_dict() if robust.eval_robust_size else None,
-               "eval_robust_size": robust.eval_robust_size,
-               "train_attack": robust.train_attack().to_dict() if robust.robust else None,
-               "adv_ratio": robust.adv_ratio if robust.robust else None, "wall_seconds": 0.0}
+
+def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> dict:
+    robust = config.robust
+    return {"run_id": run_dir.run_id, "status": "running", "reason": None, "dataset": config.data.dataset,
+            "norm": config.model.norm, "engine": config.privacy.engine, "accountant": config.privacy.accountant,
+            "delta": plan.delta, "noise_multiplier": plan.noise_multiplier, "n_train": plan.n_train,
+            "sample_rate": plan.sample_rate, "epochs": 0, "steps": 0, "train_loss": None, "train_acc": None,
+            "test_loss": None, "test_acc": None, "epsilon": None if plan.private else math.inf,
+            "epsilon_by_accountant": None, "max_epsilon": plan.max_epsilon, "budget_steps": plan.budget_steps,
+            "robust": robust.robust, "robust_acc": None,
+            "eval_attack": robust.eval_attack().to_dict() if robust.eval_robust_size else None,
+            "eval_robust_size": robust.eval_robust_size,
+            "train_attack": robust.train_attack().to_dict() if robust.robust else None,
+            "adv_ratio": robust.adv_ratio if robust.robust else None, "resumed": 0, "wall_seconds": 0.0}
+
+
+def run(config: Config, spec: DatasetSpec, resume: bool = False) -> dict:
+    """Train one configuration end to end and return its summary (also written to summary.json).
+
+    Everything that can be refused (data, privacy plan, output folder) is checked before the run
+    directory exists, so a bad request leaves nothing behind. With ``resume`` the run directory named by
+    the config exists and the run continues from its checkpoint (``src.checkpoint``).
+    """
+    started = time.time()
+    device, data, plan, seeds, training, generators, adversarial = _prepare(config, spec)
+    robust = config.robust
+    transfer_source = load_run_model(robust.transfer_from, spec, device) if robust.transfer_from else None
+    position, sampling_state = Position(), None
+    if resume:
+        run_dir = RunDirectory(Path(config.output.out) / config.output.run_id)
+        saved = checkpoint.load(run_dir.path)
+        checkpoint.restore(saved, model=training.base_model, optimizer=training.optimizer.original_optimizer,
+                           accountant=training.privacy_engine.accountant if training.privacy_engine else None,
+                           generators=generators)
+        position = checkpoint.position_of(saved)
+        if position.partial is not None:
+            sampling_state = saved["generators"].get("sampling")
+        run_dir.metrics = list(saved["metrics"])
+        run_dir.rewrite_metrics()  # drop rows written after the checkpoint: those steps are redone
+        summary = dict(saved["summary"], status="running", reason=None)
+        summary["resumed"] = summary.get("resumed", 0) + 1
+        previous_seconds = summary.get("wall_seconds") or 0.0
+    else:
+        run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
+        run_dir.write_config({**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(),
+                              "plan": plan.to_dict(), "data_notes": data.notes,
+                              "public_data": data.public.source if data.public else None,
+                              "n_test": len(data.test), "device": str(device)})
+        summary = _new_summary(config, plan, run_dir)
+        previous_seconds = 0.0
     run_dir.write_summary(summary)
-    tracker = WandbRun.start(mode=config.output.wandb, project=config.output.wandb_project,
-                             group=config.output.wandb_group, run_dir=run_dir.path, run_id=run_dir.run_id,
-                             config=record, tags=[config.data.dataset, f"norm:{config.model.norm}",
-                                                  f"engine:{config.privacy.engine}",
-                                                  f"noise:{plan.noise_multiplier}",
-                                                  f"robust:{robust.robust}"])
-    summary["wandb"] = tracker.directory or tracker.error
-    print(_describe(config, plan, run_dir), flush=True)
-    if plan.private and config.privacy.accountant == "gdp":
-        print(f"note: {GDP_NOTE}", flush=True)
-    if robust.robust:
-        print(f"robust training: {robust.train_attack().describe()} on {100 * robust.adv_ratio:g}% of each batch; "
-              f"robust accuracy: {robust.eval_attack().describe()} on {robust.eval_robust_size} test images",
-              flush=True)
+    session = RunSession(config=config, plan=plan, data=data, device=device, seeds=seeds, training=training,
+                         generators=generators, refresh_public=public_refresher(training, data.public, device),
+                         adversarial=adversarial, run_dir=run_dir, summary=summary)
+    session.tracker = WandbRun.start(
+        mode=config.output.wandb, project=config.output.wandb_project, group=config.output.wandb_group,
+        run_dir=run_dir.path, run_id=run_dir.run_id if not resume else f"{run_dir.run_id}-resumed-{summary['resumed']}",
+        config=json.loads((run_dir.path / "config.json").read_text()),
+        tags=[config.data.dataset, f"norm:{config.model.norm}", f"engine:{config.privacy.engine}",
+              f"noise:{plan.noise_multiplier}", f"robust:{robust.robust}"] + (["resumed"] if resume else []))
+    summary["wandb"] = session.tracker.directory or session.tracker.error
+    _announce(config, plan, run_dir, position)
 
     try:
         with recording_outcome(summary):
-            step = 0
-            for epoch in range(1, config.train.epochs + 1):
-                epoch_started = time.time()
-                stats = train_epoch(training, physical_batch_size=config.train.physical_batch_size, device=device,
-                                    epoch=epoch, epochs=config.train.epochs, steps_per_epoch=plan.steps_per_epoch,
-                                    first_step=step, refresh_public=refresh_public,
-                                    refresh_every=config.train.public_refresh_every, adversarial=adversarial)
-                step += stats.steps
-                if refresh_public is not None:
-                    refresh_public()  # evaluate and save with the statistics of the final weights
-                test_loss, test_acc = evaluate(training.model, data.test, batch_size=config.train.eval_batch_size,
-                                               device=device)
-                epsilon = (epsilon_from_history(config.privacy.accountant, training.history(), plan.delta)
-                           if plan.private else math.inf)
-                train_seconds = time.time() - epoch_started
-                robust_acc = None
-                if robust.eval_robust_size and (epoch % robust.eval_robust_every == 0 or epoch == config.train.epochs):
-                    robust_acc = robust_accuracy(training.model, data.test, robust.eval_attack(),
-                                                 size=robust.eval_robust_size, batch_size=config.train.eval_batch_size,
-                                                 device=device, seed=seeds.evaluation)
-                    summary["robust_acc"] = robust_acc
-                row = {"epoch": epoch, "step": step, "train_loss": stats.loss, "train_acc": stats.accuracy,
-                       "test_loss": test_loss, "test_acc": test_acc, "robust_acc": robust_acc, "epsilon": epsilon,
-                       "seconds": time.time() - epoch_started, "train_seconds": train_seconds}
-                run_dir.append_metrics(row)
-                run_dir.save_model(training.base_model.state_dict())
-                tracker.log(row, step=step)
-                summary.update(epochs=epoch, steps=step, train_loss=stats.loss, train_acc=stats.accuracy,
-                               test_loss=test_loss, test_acc=test_acc, epsilon=epsilon,
-                               wall_seconds=time.time() - started)
-                run_dir.write_summary(summary)
-                eps_text = f"eps {epsilon:.3f} ({config.privacy.accountant})" if plan.private else "non-private"
-                robust_text = f"  robust {robust_acc:.2f}%" if robust_acc is not None else ""
-                tqdm.write(f"epoch {epoch}/{config.train.epochs}  loss {stats.loss:.4f}  train {stats.accuracy:.2f}%  "
-                           f"test {test_acc:.2f}%{robust_text}  {eps_text}  {row['seconds']:.1f}s", file=sys.stdout)
-                if not math.isfinite(test_loss):
-                    raise TrainingStopped("diverged", f"test loss became {test_loss} after epoch {epoch}; lower --lr")
+            _train_epochs(session, position, sampling_state, started, previous_seconds)
             if robust.masking_checks or transfer_source is not None:
                 summary["masking_checks"] = run_masking_checks(training.model, data.test, config, device,
                                                                seeds.evaluation, summary["robust_acc"],
@@ -265,18 +299,109 @@ def run(config: Config, spec: DatasetSpec) -> dict:
     finally:
         if plan.private:
             summary["epsilon_by_accountant"] = epsilon_by_accountant(training.history(), plan.delta)
-        summary["wall_seconds"] = time.time() - started
-        run_dir.write_summary(summary)
-        tracker.finish(summary, exit_code=exit_code_for(summary))
-    if summary["status"] == "finished":
-        by_acc = summary["epsilon_by_accountant"] or {}
-        extra = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in by_acc.items())
-        robust_text = (f", robust accuracy {summary['robust_acc']:.2f}% ({robust.eval_attack().describe()})"
-                       if summary["robust_acc"] is not None else "")
-        print(f"finished: test accuracy {summary['test_acc']:.2f}%{robust_text}"
-              + (f", epsilon {summary['epsilon']:.3f} at delta {plan.delta:g} ({extra})" if plan.private else "")
-              + f"; {run_dir.path}", flush=True)
+        summary["wall_seconds"] = previous_seconds + time.time() - started
+        try:
+            run_dir.write_summary(summary)
+        except OSError as error:
+            log.error("%s", error)
+        session.tracker.finish(summary, exit_code=exit_code_for(summary))
+    _report_outcome(summary, config, plan, run_dir)
     return summary
+
+
+def _announce(config: Config, plan: PrivacyPlan, run_dir: RunDirectory, position: Position) -> None:
+    print(_describe(config, plan, run_dir), flush=True)
+    if position.step:
+        print(f"resuming after step {position.step} (epoch {position.epoch + 1}"
+              f"{', mid-epoch' if position.partial else ''}) from {run_dir.path / checkpoint.CHECKPOINT_FILE}",
+              flush=True)
+    if plan.private and config.privacy.accountant == "gdp":
+        print(f"note: {GDP_NOTE}", flush=True)
+    if plan.budget_steps is not None and plan.budget_steps < plan.steps:
+        print(f"budget: --max-epsilon {plan.max_epsilon:g} allows {plan.budget_steps} of the {plan.steps} steps; "
+              "the run will stop there", flush=True)
+    robust = config.robust
+    if robust.robust:
+        print(f"robust training: {robust.train_attack().describe()} on {100 * robust.adv_ratio:g}% of each batch; "
+              f"robust accuracy: {robust.eval_attack().describe()} on {robust.eval_robust_size} test images",
+              flush=True)
+
+
+def _train_epochs(session: RunSession, position: Position, sampling_state, started: float,
+                  previous_seconds: float) -> None:
+    """The epoch loop from ``position``: train, evaluate, record and checkpoint each epoch; stop at the
+    privacy budget."""
+    config, plan, training, run_dir, summary = (session.config, session.plan, session.training,
+                                                 session.run_dir, session.summary)
+    robust, every = config.robust, config.train.checkpoint_every
+    step = position.step
+    for epoch in range(position.epoch + 1, config.train.epochs + 1):
+        epoch_started = time.time()
+        resumed = position.partial if epoch == position.epoch + 1 else None
+        first_step = step - (resumed.steps if resumed else 0)
+
+        def after_step(progress: EpochProgress, epoch=epoch, first_step=first_step) -> None:
+            if every and (first_step + progress.steps) % every == 0 and progress.steps < plan.steps_per_epoch:
+                session.save_checkpoint(Position(epoch=epoch - 1, step=first_step + progress.steps,
+                                                 partial=progress))
+
+        progress = train_epoch(training, physical_batch_size=config.train.physical_batch_size,
+                               device=session.device, epoch=epoch, epochs=config.train.epochs,
+                               steps_per_epoch=plan.steps_per_epoch, first_step=first_step,
+                               refresh_public=session.refresh_public, refresh_every=config.train.public_refresh_every,
+                               adversarial=session.adversarial, progress=resumed,
+                               sampling_state=sampling_state if resumed else None, step_limit=plan.budget_steps,
+                               after_step=after_step)
+        step = first_step + progress.steps
+        if session.refresh_public is not None:
+            session.refresh_public()  # evaluate and save with the statistics of the final weights
+        test_loss, test_acc = evaluate(training.model, session.data.test, batch_size=config.train.eval_batch_size,
+                                       device=session.device)
+        epsilon = (epsilon_from_history(config.privacy.accountant, training.history(), plan.delta)
+                   if plan.private else math.inf)
+        train_seconds = time.time() - epoch_started
+        budget_hit = plan.budget_steps is not None and step >= plan.budget_steps and step < plan.steps
+        robust_acc = None
+        if robust.eval_robust_size and (epoch % robust.eval_robust_every == 0 or epoch == config.train.epochs
+                                        or budget_hit):
+            robust_acc = robust_accuracy(training.model, session.data.test, robust.eval_attack(),
+                                         size=robust.eval_robust_size, batch_size=config.train.eval_batch_size,
+                                         device=session.device, seed=session.seeds.evaluation)
+            summary["robust_acc"] = robust_acc
+        row = {"epoch": epoch, "step": step, "train_loss": progress.loss, "train_acc": progress.accuracy,
+               "test_loss": test_loss, "test_acc": test_acc, "robust_acc": robust_acc, "epsilon": epsilon,
+               "seconds": time.time() - epoch_started, "train_seconds": train_seconds}
+        run_dir.append_metrics(row)
+        run_dir.save_model(training.base_model.state_dict())
+        session.tracker.log(row, step=step)
+        summary.update(epochs=epoch, steps=step, train_loss=progress.loss, train_acc=progress.accuracy,
+                       test_loss=test_loss, test_acc=test_acc, epsilon=epsilon,
+                       wall_seconds=previous_seconds + time.time() - started)
+        run_dir.write_summary(summary)
+        session.save_checkpoint(Position(epoch=epoch, step=step))
+        eps_text = f"eps {epsilon:.3f} ({config.privacy.accountant})" if plan.private else "non-private"
+        robust_text = f"  robust {robust_acc:.2f}%" if robust_acc is not None else ""
+        tqdm.write(f"epoch {epoch}/{config.train.epochs}  loss {progress.loss:.4f}  train {progress.accuracy:.2f}%  "
+                   f"test {test_acc:.2f}%{robust_text}  {eps_text}  {row['seconds']:.1f}s", file=sys.stdout)
+        if not math.isfinite(test_loss):
+            raise TrainingStopped("diverged", f"test loss became {test_loss} after epoch {epoch}; lower --lr")
+        if budget_hit:
+            raise TrainingStopped("budget-exhausted", (
+                f"--max-epsilon {plan.max_epsilon:g} reached: stopped after step {step} of {plan.steps} at epsilon "
+                f"{epsilon:.4g} ({plan.accountant}); step {step + 1} would spend "
+                f"{epsilon_after_steps(plan, step + 1):.4g}"))
+
+
+def _report_outcome(summary: dict, config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> None:
+    if summary["status"] not in ("finished", "budget-exhausted"):
+        return
+    by_acc = summary["epsilon_by_accountant"] or {}
+    extra = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in by_acc.items())
+    robust_text = (f", robust accuracy {summary['robust_acc']:.2f}% ({config.robust.eval_attack().describe()})"
+                   if summary["robust_acc"] is not None else "")
+    print(f"{summary['status']}: test accuracy {summary['test_acc']:.2f}%{robust_text}"
+          + (f", epsilon {summary['epsilon']:.3f} at delta {plan.delta:g} ({extra})" if plan.private else "")
+          + f"; {run_dir.path}", flush=True)
 
 
 def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device) -> torch.nn.Module:
@@ -320,5 +445,6 @@ def run_masking_checks(model, test_set, config: Config, device: torch.device, se
 
 
 def exit_code_for(summary: dict) -> int:
-    """0 for a finished run, 130 for an interrupted one, 1 for one that stopped or failed."""
-    return {"finished": 0, "interrupted": 130}.get(summary["status"], 1)
+    """0 for a finished run or one stopped by its privacy budget (as asked), 130 for an interrupted one,
+    1 for one that diverged or failed."""
+    return {"finished": 0, "budget-exhausted": 0, "interrupted": 130}.get(summary["status"], 1)
