@@ -4,8 +4,9 @@
 
 Runs go to ``<out>/<sweep name>/<run id>/`` (the usual run-directory format), their console output to
 ``<out>/<sweep name>/_logs/<run id>.log``. Rerunning is resumable: a run whose ``summary.json`` says
-``finished`` or ``diverged`` (a real outcome) is skipped; any other state (failed, interrupted, killed
-mid-run) is moved aside to ``<run id>.attempt-N`` and run again. ``--wandb-spec`` prints the same grid as a
+``finished``, ``diverged`` or ``budget-exhausted`` (a real outcome) is skipped; one that failed, was
+interrupted or was killed mid-run continues from its last checkpoint (``vision.py --resume``), and one
+without a checkpoint is moved aside to ``<run id>.attempt-N`` and run again. ``--wandb-spec`` prints the same grid as a
 wandb sweep instead, for ``wandb sweep`` + ``wandb agent`` on many machines.
 """
 from __future__ import annotations
@@ -25,7 +26,9 @@ from experiments.sweep import GridPoint, Sweep, load_sweep, wandb_sweep_spec
 from src.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-DONE_STATES = ("finished", "diverged")
+DONE_STATES = ("finished", "diverged", "budget-exhausted")
+RESUMABLE_STATES = ("running", "failed", "interrupted")  # "running" on disk: the process was killed
+CHECKPOINT_FILE = "checkpoint.pt"  # src.checkpoint.CHECKPOINT_FILE, without importing torch here
 
 
 def run_state(run_dir: Path) -> str:
@@ -53,11 +56,16 @@ def command_for(sweep: Sweep, point: GridPoint, sweep_dir: Path, extra: list, wa
             "--out", str(sweep_dir), "--run-id", point.run_id, "--wandb-group", sweep.name, "--wandb", wandb_mode]
 
 
+def resume_command(run_dir: Path, wandb_mode: str) -> list:
+    """Continue a run with its own config.json (extra flags would change the experiment)."""
+    return [sys.executable, str(REPO / "vision.py"), "--resume", str(run_dir), "--wandb", wandb_mode]
+
+
 def run_point(command: list, log_path: Path, threads: int) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("WANDB_SILENT", "true")
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         return subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
@@ -65,23 +73,28 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int, extra: list, wandb_mode: st
     sweep_dir = out / sweep.name
     (sweep_dir / "_logs").mkdir(parents=True, exist_ok=True)
     points = sweep.points()
-    todo, counts = [], {"skipped": 0, "finished": 0, "failed": 0, "retried": 0}
+    todo, counts = [], {"skipped": 0, "finished": 0, "failed": 0, "retried": 0, "resumed": 0}
     for point in points:
-        state = run_state(sweep_dir / point.run_id)
+        run_dir = sweep_dir / point.run_id
+        state = run_state(run_dir)
         if state in DONE_STATES:
             counts["skipped"] += 1
             continue
+        if state in RESUMABLE_STATES and (run_dir / CHECKPOINT_FILE).is_file():
+            counts["resumed"] += 1
+            todo.append((point, resume_command(run_dir, wandb_mode)))
+            continue
         if state != "missing":
-            set_aside(sweep_dir / point.run_id)
+            set_aside(run_dir)
             counts["retried"] += 1
-        todo.append(point)
+        todo.append((point, command_for(sweep, point, sweep_dir, extra, wandb_mode)))
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     failures = []
     bar = tqdm(total=len(points), initial=counts["skipped"], desc=f"sweep {sweep.name}", unit="run",
                file=sys.stderr, dynamic_ncols=True)
     with bar, ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_point, command_for(sweep, p, sweep_dir, extra, wandb_mode),
-                               sweep_dir / "_logs" / f"{p.run_id}.log", threads): p for p in todo}
+        futures = {pool.submit(run_point, command, sweep_dir / "_logs" / f"{p.run_id}.log", threads): p
+                   for p, command in todo}
         for future in as_completed(futures):
             point = futures[future]
             code = future.result()
@@ -127,7 +140,8 @@ def main(argv=None) -> int:
         print(f"experiments.run: error: {error}", file=sys.stderr)
         return 2
     print(f"sweep {summary['sweep']}: {summary['runs']} runs, {summary['skipped']} already done, "
-          f"{summary['finished']} finished now, {summary['failed']} failed ({summary['retried']} retried); "
+          f"{summary['finished']} finished now, {summary['failed']} failed ({summary['retried']} restarted, "
+          f"{summary['resumed']} resumed from a checkpoint); "
           f"{summary['directory']}")
     for failure in summary["failures"]:
         print(f"  failed: {failure}")

@@ -6,6 +6,7 @@ inside the model so that attacks can work in pixel space (conventions.md, MadryL
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -122,11 +123,15 @@ def load_torchvision(dataset_class, root: str, *, train: bool, download: bool, f
     """
     try:
         return dataset_class(root, train=train, download=False, **kwargs)
-    except RuntimeError:
-        pass  # torchvision's "Dataset not found": try a download below
-    except (OSError, ValueError, EOFError) as error:
+    except RuntimeError as error:
+        if "not found" not in str(error).lower():  # present but malformed (e.g. a truncated idx file)
+            raise DataUnavailable(f"{dataset_class.__name__} files in {Path(root) / folder} are unreadable "
+                                  f"({type(error).__name__}: {error})") from None
+        # torchvision's "Dataset not found": try a download below
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AssertionError, IndexError, KeyError) as error:
+        # torchvision's idx reader asserts on a malformed header
         raise DataUnavailable(f"{dataset_class.__name__} files in {Path(root) / folder} are unreadable "
-                              f"({type(error).__name__}: {error})") from None
+                              f"({type(error).__name__}: {error or 'malformed header'})") from None
     expected = Path(root) / folder
     if not download:
         raise DataUnavailable(f"{dataset_class.__name__} not found in {expected} and --no-download was given; "
@@ -167,13 +172,13 @@ def load_cifar10_split(root: str, *, train: bool, download: bool, notes: list):
         return datasets.CIFAR10(root, train=train, download=False)
     except RuntimeError:
         pass
-    except (OSError, ValueError, EOFError, KeyError) as error:
+    except (OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as error:
         raise DataUnavailable(f"CIFAR-10 files in {folder} are unreadable ({type(error).__name__}: {error})") from None
     present = [b for b in CIFAR10_TRAIN_BATCHES if (folder / b).is_file()]
     if present and (folder / "test_batch").is_file():
         try:
             dataset = PartialCIFAR10(root, train=train, train_batches=present)
-        except (OSError, ValueError, EOFError, KeyError, RuntimeError) as error:
+        except (OSError, ValueError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
             raise DataUnavailable(f"CIFAR-10 files in {folder} are unreadable ({type(error).__name__}: {error})") from None
         split = "training" if train else "test"
         if train and len(present) < len(CIFAR10_TRAIN_BATCHES):

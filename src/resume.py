@@ -37,14 +37,13 @@ def resume_config(run_path: str, flags: Mapping[str, Any]):
     if given:
         raise UserError(f"--resume continues the run with its own config.json; drop --{given[0].replace('_', '-')} "
                         f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} may be given)")
-    for key, section in RESUMABLE_OVERRIDES.items():
-        if flags.get(key) is not None:
-            record[section][key] = flags[key]
-    record["output"]["out"] = str(path.parent)
-    record["output"]["run_id"] = path.name
     try:
+        for key, section in RESUMABLE_OVERRIDES.items():
+            if flags.get(key) is not None:
+                record[section][key] = flags[key]
+        record["output"].update(out=str(path.parent), run_id=path.name)
         config = Config.from_dict(record)
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, AttributeError) as error:
         raise UserError(f"config.json in {run_path} does not describe a run of this version ({error})") from None
     validate(config)
     spec = get_dataset(dataset)

@@ -249,13 +249,13 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> dict:
     the config exists and the run continues from its checkpoint (``src.checkpoint``).
     """
     started = time.time()
+    saved = checkpoint.load(Path(config.output.out) / config.output.run_id) if resume else None
     device, data, plan, seeds, training, generators, adversarial = _prepare(config, spec)
     robust = config.robust
     transfer_source = load_run_model(robust.transfer_from, spec, device) if robust.transfer_from else None
     position, sampling_state = Position(), None
     if resume:
         run_dir = RunDirectory(Path(config.output.out) / config.output.run_id)
-        saved = checkpoint.load(run_dir.path)
         checkpoint.restore(saved, model=training.base_model, optimizer=training.optimizer.original_optimizer,
                            accountant=training.privacy_engine.accountant if training.privacy_engine else None,
                            generators=generators)

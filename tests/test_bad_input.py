@@ -3,10 +3,14 @@ no traceback, and no run directory left behind."""
 from __future__ import annotations
 
 
+import json
+
 import pytest
 import torch
 
 import vision
+from src.config import build_config
+from src.datasets import get_dataset
 from tests.conftest import run_cli
 
 TINY = ["--train-subset", 64, "--batch-size", 16, "--epochs", 1, "--wandb", "disabled"]
@@ -73,6 +77,22 @@ BAD_COMMAND_LINES = [
     ("transfer-source-missing", ["--dataset", "mnist", "--data-root", "{root}", "--batch-size", "16",
                                  "--transfer-from", "{empty}/nope"],
      "not a finished run directory"),
+    # Reliability (budget guard, secure RNG, checkpoints, resume).
+    ("zero-max-epsilon", ["--dataset", "mnist", "--max-epsilon", "0"], "--max-epsilon must be positive"),
+    ("max-epsilon-non-private", ["--dataset", "mnist", "--engine", "non-private", "--max-epsilon", "3"],
+     "drop --max-epsilon"),
+    ("target-above-budget", ["--dataset", "mnist", "--target-epsilon", "3", "--max-epsilon", "2"],
+     "is above --max-epsilon 2"),
+    ("budget-below-one-step", ["--dataset", "mnist", "--noise", "0.5", "--max-epsilon", "0.001", "--dry-run"],
+     "does not allow a single step"),
+    ("secure-rng-non-private", ["--dataset", "mnist", "--engine", "non-private", "--secure-rng"],
+     "needs a private --engine"),
+    ("zero-checkpoint-every", ["--dataset", "mnist", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+    ("no-dataset", ["--noise", "1"], "required: --dataset"),
+    ("resume-missing-run", ["--resume", "{empty}/nope"], "is not a run directory"),
+    ("resume-with-dry-run", ["--resume", "{empty}", "--dry-run"], "cannot be combined"),
+    ("resume-without-checkpoint", ["--resume", "{run}"], "no checkpoint.pt to resume from"),
+    ("resume-other-dataset", ["--resume", "{run}", "--dataset", "cifar10"], "not --dataset cifar10"),
     # Data problems, found before any run directory exists.
     ("missing-data", ["--dataset", "mnist", "--data-root", "{empty}", "--no-download"], "MNIST not found in"),
     ("missing-cifar", ["--dataset", "cifar10", "--data-root", "{empty}", "--no-download"], "CIFAR10 not found in"),
@@ -110,11 +130,18 @@ def test_bad_command_line(case_id, args, expected, tiny_root, tmp_path, capsys, 
     monkeypatch.setenv("PRV_DATA_ROOT", str(tiny_root))  # the data root when no --data-root is given
     empty = tmp_path / "empty"
     empty.mkdir()
-    argv = [str(a).format(root=tiny_root, empty=empty) for a in args]
+    run = tmp_path / "killed_before_first_checkpoint"  # what a run killed during its first epoch leaves
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(build_config(
+        {"dataset": "mnist", "data_root": str(tiny_root), "out": str(tmp_path), "run_id": run.name,
+         "train_subset": 64, "batch_size": 16},
+        get_dataset("mnist").defaults).to_dict()))
+    (run / "summary.json").write_text('{"status": "running"}')
+    argv = [str(a).format(root=tiny_root, empty=empty, run=run) for a in args]
     if "--wandb" not in argv:
         argv += ["--wandb", "disabled"]
     out = tmp_path / "runs"
-    code = invoke(["--out", out, *argv])
+    code = invoke(argv if "--resume" in argv else ["--out", out, *argv])  # a resumed run has its own folder
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert code == 2, captured.err
@@ -123,6 +150,7 @@ def test_bad_command_line(case_id, args, expected, tiny_root, tmp_path, capsys, 
     assert expected in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
     assert not out.exists() or not any(out.iterdir()), "a refused run left a run directory behind"
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "summary.json"], "a refused resume wrote files"
     assert sorted(p.name for p in empty.iterdir()) == [], "a refused run wrote into the data root"
 
 

@@ -36,17 +36,27 @@ def test_smoke_sweep_runs_resumes_collects_and_draws(tiny_root, tmp_path):
     assert all(s["status"] == "finished" for s in summaries.values())
     assert {s["norm"] for s in summaries.values()} == {"group", "none"}
 
-    # Resume: finished runs are skipped; a failed one is set aside and retried.
+    # Rerun: a finished run is skipped; a failed one with a checkpoint continues from it (--resume); a
+    # killed one without a checkpoint is set aside and run again.
     stamps = {r: (out / "smoke" / r / "summary.json").stat().st_mtime_ns for r in runs}
-    broken = dict(summaries["norm-none"], status="failed")
-    (out / "smoke" / "norm-none" / "summary.json").write_text(json.dumps(broken))
+    (out / "smoke" / "norm-none" / "summary.json").write_text(json.dumps(dict(summaries["norm-none"], status="failed")))
     second = experiments("run", SMOKE, "--out", out, "--wandb", "disabled", "--", "--data-root", tiny_root,
                          cwd=tmp_path)
     assert second.returncode == 0, second.stderr + second.stdout
-    assert "1 already done, 1 finished now" in second.stdout
+    assert "1 already done, 1 finished now, 0 failed (0 restarted, 1 resumed from a checkpoint)" in second.stdout
     assert (out / "smoke" / "norm-group" / "summary.json").stat().st_mtime_ns == stamps["norm-group"]
-    assert json.loads((out / "smoke" / "norm-none" / "summary.json").read_text())["status"] == "finished"
-    assert (out / "smoke" / "norm-none.attempt-1").is_dir()
+    resumed = json.loads((out / "smoke" / "norm-none" / "summary.json").read_text())
+    assert resumed["status"] == "finished" and resumed["resumed"] == 1
+    assert not (out / "smoke" / "norm-none.attempt-1").exists()
+
+    (out / "smoke" / "norm-group" / "checkpoint.pt").unlink()
+    (out / "smoke" / "norm-group" / "summary.json").write_text(json.dumps(dict(summaries["norm-group"],
+                                                                               status="running")))
+    restarted = experiments("run", SMOKE, "--out", out, "--wandb", "disabled", "--", "--data-root", tiny_root,
+                            cwd=tmp_path)
+    assert "1 already done, 1 finished now, 0 failed (1 restarted, 0 resumed" in restarted.stdout
+    assert (out / "smoke" / "norm-group.attempt-1").is_dir()
+    assert json.loads((out / "smoke" / "norm-group" / "summary.json").read_text())["status"] == "finished"
     third = experiments("run", SMOKE, "--out", out, "--wandb", "disabled", cwd=tmp_path)
     assert "2 already done, 0 finished now" in third.stdout
 
