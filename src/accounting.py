@@ -76,7 +76,7 @@ def epsilon_by_accountant(history: list, delta: float) -> dict:
         try:
             value = epsilon_from_history(name, history, delta)
             result[name] = value if math.isfinite(value) else None
-        except (ValueError, ArithmeticError, RuntimeError):
+        except (ValueError, ArithmeticError, RuntimeError, MemoryError):
             result[name] = None
     return result
 
@@ -88,7 +88,7 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
             noise = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                          sample_rate=sample_rate, steps=steps, accountant=accountant,
                                          **_accountant_options(accountant))
-    except (ValueError, ArithmeticError, RuntimeError) as error:
+    except (ValueError, ArithmeticError, RuntimeError, MemoryError) as error:
         if accountant == "gdp":
             raise UserError(f"the gdp accountant cannot calibrate --target-epsilon {target_epsilon} ({error}); "
                             "its solver fails at large epsilon: use --accountant rdp or prv") from None
@@ -101,7 +101,7 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
 def _epsilon_after(steps: int, *, noise: float, sample_rate: float, accountant: str, delta: float) -> float:
     try:
         value = epsilon_from_history(accountant, [(noise, sample_rate, steps)], delta)
-    except (ValueError, ArithmeticError, RuntimeError):
+    except (ValueError, ArithmeticError, RuntimeError, MemoryError):
         return math.inf
     return value if math.isfinite(value) else math.inf
 

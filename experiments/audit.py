@@ -1,0 +1,244 @@
+"""Empirical privacy audit: a lower bound on epsilon from one real training run (Steinke, Nasr and
+Jagielski 2023, "Privacy auditing with one (1) training run").
+
+    python -m experiments.audit --data-root data [--engine bk] [--norm bn-public] [--robust] [--canaries 1000]
+
+m canaries (held-out MNIST training images given a wrong label) are each inserted into the private
+training set with probability 1/2, the model is trained with the ordinary ``vision.py`` code path (same
+engines, same accountant), and the auditor guesses membership from each canary's loss on the final model:
+the k lowest losses "in", the k highest "out". If the training were (eps, delta)-DP, the number of correct
+guesses would be dominated by Binomial(r, e^eps / (1 + e^eps)) up to a delta term (their Theorem 3);
+the largest eps that this count rejects at the chosen confidence is the empirical lower bound. Several
+guess counts are tried with a Bonferroni correction, so the reported bound holds at the stated
+confidence. A lower bound above the accountant's epsilon means the privacy claim is false.
+
+``--broken no-clipping`` (for the tests) trains without clipping while adding the noise of the claimed
+configuration, and audits against the claimed epsilon: the audit must catch it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from src.errors import UserError
+
+GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.5)  # total guesses r as a fraction of m, half "in" and half "out"
+BROKEN_VARIANTS = ("no-clipping",)
+UNCLIPPED = 1e6  # a clipping bound no gradient reaches
+
+
+def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """P[at least v of r guesses correct] for an (epsilon, delta)-DP training run with m canaries
+    (Steinke et al. 2023, Theorem 3 and its delta term)."""
+    q = 1 / (1 + math.exp(-epsilon))
+    tail = stats.binom.sf(v - 1, r, q)
+    alpha, window = 0.0, 0.0
+    for i in range(1, v + 1):
+        window += stats.binom.pmf(v - i, r, q)
+        alpha = max(alpha, window / i)
+    return min(1.0, tail + 2 * m * delta * alpha)
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, significance: float) -> float:
+    """The largest epsilon rejected at ``significance``: the run is not (epsilon, delta)-DP for any
+    smaller epsilon, with confidence 1 - significance (0 when nothing is rejected)."""
+    if r == 0 or p_value(m, r, v, 0.0, delta) >= significance:
+        return 0.0
+    low, high = 0.0, 1.0
+    while p_value(m, r, v, high, delta) < significance:
+        low, high = high, 2 * high
+    for _ in range(40):
+        middle = (low + high) / 2
+        if p_value(m, r, v, middle, delta) < significance:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+@dataclass
+class Guesses:
+    guesses: int
+    correct: int
+    epsilon_lower_bound: float
+
+
+def audit_guesses(scores: np.ndarray, included: np.ndarray, *, delta: float, confidence: float) -> list:
+    """For each guess count: the top-scored half 'in', the bottom half 'out', the correct count and the
+    bound at the Bonferroni-corrected level (so the best of them holds at ``confidence``)."""
+    m = len(scores)
+    order = np.argsort(-scores, kind="stable")  # most member-like first
+    significance = (1 - confidence) / len(GUESS_FRACTIONS)
+    results = []
+    for fraction in GUESS_FRACTIONS:
+        k = max(1, int(fraction * m) // 2)
+        correct = int(included[order[:k]].sum() + (~included[order[-k:]]).sum())
+        results.append(Guesses(2 * k, correct, epsilon_lower_bound(m, 2 * k, correct, delta, significance)))
+    return results
+
+
+@dataclass(frozen=True)
+class Canaries:
+    """Held-out training images ``[start, start + m)`` with a wrong label each, and who is inserted."""
+
+    start: int
+    labels: torch.Tensor
+    included: torch.Tensor  # bool, the secret the auditor guesses
+
+    @classmethod
+    def draw(cls, true_labels: torch.Tensor, start: int, m: int, seed: int) -> "Canaries":
+        generator = torch.Generator().manual_seed(seed)
+        shift = torch.randint(1, 10, (m,), generator=generator)
+        labels = (true_labels[start:start + m] + shift) % 10
+        included = torch.rand(m, generator=generator) < 0.5
+        return cls(start=start, labels=labels, included=included)
+
+
+def with_canaries(spec, private_size: int, m: int, seed: int, drawn: dict):
+    """The dataset spec whose private training set is the first ``private_size`` images plus the
+    inserted canaries (so n in the accountant counts them); the canaries are recorded in ``drawn``."""
+    from src.data import ImageTensorDataset, LoadedData
+
+    def load(data_config, with_public: bool):
+        full = spec.load(dataclasses.replace(data_config, train_subset=None), with_public)
+        images, labels = full.train.images, full.train.labels
+        if len(images) < private_size + m:
+            raise UserError(f"the audit needs {private_size + m} training images ({private_size} private, {m} "
+                            f"canaries); the data set has {len(images)}")
+        canaries = Canaries.draw(labels, private_size, m, seed)
+        inserted = images[private_size:private_size + m][canaries.included]
+        train = ImageTensorDataset(torch.cat([images[:private_size], inserted]),
+                                   torch.cat([labels[:private_size], canaries.labels[canaries.included]]))
+        drawn.update(canaries=canaries, images=images[private_size:private_size + m])
+        return LoadedData(train=train, test=full.test, public=full.public,
+                          notes=full.notes + [f"audit: {int(canaries.included.sum())} of {m} canaries inserted"])
+
+    return dataclasses.replace(spec, load=load)
+
+
+@torch.no_grad()
+def canary_scores(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Minus each canary's loss under its (wrong) label: memorised canaries score high."""
+    model.eval()
+    losses = [F.cross_entropy(model(images[i:i + 500].float() / 255), labels[i:i + 500], reduction="none")
+              for i in range(0, len(images), 500)]
+    return -torch.cat(losses).numpy()
+
+
+def _claimed_noise(args, n: int) -> tuple:
+    """(noise multiplier, epsilon) the configuration claims for n private examples."""
+    from src.accounting import calibrate_noise, epsilon_from_history, poisson_schedule
+
+    schedule = poisson_schedule(n, args.batch_size)
+    steps = schedule.steps_per_epoch * args.epochs
+    noise = args.noise or calibrate_noise(target_epsilon=args.target_epsilon, delta=args.delta,
+                                          sample_rate=schedule.sample_rate, steps=steps, accountant="rdp")
+    return noise, epsilon_from_history("rdp", [(noise, schedule.sample_rate, steps)], args.delta)
+
+
+def run_audit(args) -> dict:
+    from src.config import build_config
+    from src.datasets import get_dataset
+    from src.train import load_run_model, run
+
+    spec = get_dataset("mnist")
+    m = args.canaries
+    included = Canaries.draw(torch.zeros(args.train_subset + m, dtype=torch.int64), args.train_subset, m,
+                             args.seed).included  # the same draw as in with_canaries: n is known up front
+    n = args.train_subset + int(included.sum())
+    noise, claimed_epsilon = _claimed_noise(args, n)
+    clip = args.clip
+    if args.broken == "no-clipping":  # the claimed noise, but no per-sample bound behind it
+        noise, clip = noise * clip / UNCLIPPED, UNCLIPPED
+    flags = {"dataset": "mnist", "data_root": args.data_root, "train_subset": args.train_subset,
+             "test_subset": args.test_subset, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+             "momentum": args.momentum, "clip": clip, "noise": noise, "delta": args.delta, "engine": args.engine,
+             "norm": args.norm, "seed": args.seed, "eval_robust_size": 0, "out": args.out, "run_id": args.run_id,
+             "wandb": "disabled", "public_data": args.public_data, "public_size": args.public_size,
+             "download": False}
+    if args.robust:
+        flags.update(robust=True, attack="fgsm-rs")
+    config = build_config(flags, spec.defaults)
+    drawn: dict = {}
+    summary = run(config, with_canaries(spec, args.train_subset, m, args.seed, drawn))
+    if summary["status"] != "finished":
+        raise UserError(f"the audited run did not finish: {summary['status']} ({summary['reason']})")
+    run_dir = Path(config.output.out) / summary["run_id"]
+    model = load_run_model(str(run_dir), spec, torch.device("cpu"))
+    canaries = drawn["canaries"]
+    scores = canary_scores(model, drawn["images"], canaries.labels)
+    results = audit_guesses(scores, canaries.included.numpy(), delta=args.delta, confidence=args.confidence)
+    best = max(results, key=lambda g: g.epsilon_lower_bound)
+    report = {"engine": args.engine, "norm": args.norm, "robust": args.robust, "broken": args.broken,
+              "canaries": m, "inserted": int(canaries.included.sum()), "n_train": summary["n_train"],
+              "confidence": args.confidence, "delta": args.delta, "accountant": "rdp",
+              "claimed_epsilon": claimed_epsilon, "epsilon_lower_bound": best.epsilon_lower_bound,
+              "guesses": [dataclasses.asdict(g) for g in results], "test_acc": summary["test_acc"],
+              "run_dir": str(run_dir)}
+    (run_dir / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.audit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", default="data", help="torchvision data folder with MNIST")
+    parser.add_argument("--engine", default="bk", choices=("hooks", "functorch", "ghost", "mixed-ghost", "bk"))
+    parser.add_argument("--norm", default="none", choices=("none", "group", "bn-public"))
+    parser.add_argument("--public-data", help="public images for --norm bn-public (default: KMNIST under --data-root)")
+    parser.add_argument("--public-size", type=int, default=None)
+    parser.add_argument("--robust", action="store_true", help="FGSM-RS adversarial training")
+    parser.add_argument("--canaries", type=int, default=1000, help="m, each inserted with probability 1/2")
+    parser.add_argument("--train-subset", type=int, default=1000, help="private MNIST images besides the canaries")
+    parser.add_argument("--test-subset", type=int, default=2000, help="test images for the accuracy it reports")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--clip", type=float, default=0.1)
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("--target-epsilon", type=float, default=1.0, help="claimed epsilon (rdp) to calibrate for")
+    noise.add_argument("--noise", type=float, help="noise multiplier instead of --target-epsilon")
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--broken", choices=BROKEN_VARIANTS, help="a deliberately non-private variant (tests)")
+    parser.add_argument("--out", default="runs/audit")
+    parser.add_argument("--run-id", default=None)
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.canaries < 10 or args.train_subset < 1:
+            raise UserError("--canaries must be at least 10 and --train-subset at least 1")
+        report = run_audit(args)
+    except UserError as error:
+        print(f"experiments.audit: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        best = max(report["guesses"], key=lambda g: g["epsilon_lower_bound"])
+        variant = f", BROKEN: {report['broken']}" if report["broken"] else ""
+        print(f"audit ({report['engine']}, norm {report['norm']}{', robust' if report['robust'] else ''}{variant}): "
+              f"empirical epsilon >= {report['epsilon_lower_bound']:.3f} at {100 * report['confidence']:g}% "
+              f"confidence ({best['correct']}/{best['guesses']} guesses right, {report['canaries']} canaries) vs "
+              f"accountant epsilon {report['claimed_epsilon']:.3f} (rdp, delta {report['delta']:g}); "
+              f"{report['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

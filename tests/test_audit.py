@@ -1,0 +1,65 @@
+"""The empirical privacy audit: its statistics, and the two checks that could fail. Every real engine's
+lower bound stays below the accountant's epsilon; a variant without clipping is caught above it."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments.audit import audit_guesses, build_parser, epsilon_lower_bound, p_value, run_audit
+from tests.conftest import write_mnist_like
+
+
+@pytest.fixture(scope="module")
+def audit_root(tmp_path_factory):
+    """Enough synthetic MNIST for 300 private images plus 600 canaries, and a KMNIST for bn-public."""
+    root = tmp_path_factory.mktemp("audit_data")
+    write_mnist_like(root, "MNIST", 900, 200, seed=5)
+    write_mnist_like(root, "KMNIST", 140, 20, seed=6)
+    return root
+
+
+def test_all_correct_guesses_give_the_randomised_response_bound():
+    """With delta 0, r correct guesses out of r reject every epsilon whose randomised-response accuracy
+    q satisfies q^r < significance: the bound is log(q / (1 - q)) at q = significance^(1/r)."""
+    for r in (10, 50, 200):
+        q = 0.05 ** (1 / r)
+        assert epsilon_lower_bound(1000, r, r, 0.0, 0.05) == pytest.approx(math.log(q / (1 - q)), rel=1e-6)
+
+
+def test_chance_level_guessing_bounds_nothing_and_delta_only_weakens():
+    assert epsilon_lower_bound(1000, 200, 100, 1e-5, 0.05) == 0.0
+    assert epsilon_lower_bound(1000, 200, 180, 1e-3, 0.05) < epsilon_lower_bound(1000, 200, 180, 0.0, 0.05)
+    assert p_value(1000, 100, 80, 1.0, 0.0) == pytest.approx(stats.binom.sf(79, 100, 1 / (1 + math.exp(-1))))
+
+
+def test_random_scores_rarely_claim_leakage():
+    """Under the null (scores independent of membership) the bound is positive at most ~5% of the time."""
+    rng = np.random.default_rng(0)
+    positive = sum(audit_guesses(rng.normal(size=500), rng.random(500) < 0.5, delta=1e-5,
+                                 confidence=0.95)[0].epsilon_lower_bound > 0 for _ in range(200))
+    assert positive <= 20
+
+
+def _audit(root, tmp_path, *flags) -> dict:
+    args = build_parser().parse_args(["--data-root", str(root), "--train-subset", "300", "--canaries", "600",
+                                      "--epochs", "15", "--test-subset", "200", "--out", str(tmp_path), *flags])
+    return run_audit(args)
+
+
+@pytest.mark.parametrize("flags", [["--engine", e] for e in ("hooks", "functorch", "ghost", "mixed-ghost", "bk")]
+                         + [["--norm", "bn-public"], ["--robust"]],
+                         ids=["hooks", "functorch", "ghost", "mixed-ghost", "bk", "bk-bn-public", "bk-robust"])
+def test_real_engines_stay_below_the_accountants_epsilon(flags, audit_root, tmp_path):
+    report = _audit(audit_root, tmp_path, *flags)
+    assert report["epsilon_lower_bound"] <= report["claimed_epsilon"], report
+    assert report["inserted"] + 300 == report["n_train"]
+    assert json.loads((tmp_path / report["run_dir"].split("/")[-1] / "audit.json").read_text()) == report
+
+
+def test_training_without_clipping_is_caught(audit_root, tmp_path):
+    report = _audit(audit_root, tmp_path, "--broken", "no-clipping")
+    assert report["epsilon_lower_bound"] > 1.5 * report["claimed_epsilon"], report
