@@ -25,6 +25,8 @@ def dry_run_report(config: Config, spec: DatasetSpec) -> dict:
         "accountant": plan.accountant,
         "epsilon": plan.epsilon,
         "epsilon_by_accountant": plan.epsilon_by_accountant,
+        "max_epsilon": plan.max_epsilon,
+        "budget_steps": plan.budget_steps,  # steps the --max-epsilon guard allows (None: no guard)
         "engine": config.privacy.engine,
         "private": plan.private,
         "config": config.to_dict(),

@@ -67,3 +67,11 @@ def test_max_epsilon_stops_before_the_step_that_would_exceed_it(tiny_root, tmp_p
     assert len(guarded_rows) == 2 and json.loads(guarded_rows[-1])["epsilon"] <= budget
     assert (tmp_path / "guarded" / "model.pt").is_file()
     assert run_cli("--resume", tmp_path / "guarded", cwd=tmp_path).returncode == 2  # nothing left to spend
+
+
+def test_dry_run_shows_the_steps_the_budget_allows(tmp_path):
+    result = run_cli("--dataset", "mnist", "--noise", 1, "--max-epsilon", 2, "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["max_epsilon"] == 2 and 0 < report["budget_steps"] < report["steps"]
+    assert epsilon_from_history("rdp", [(1.0, report["sample_rate"], report["budget_steps"])], 1e-5) <= 2
