@@ -89,37 +89,43 @@ def audit_guesses(scores: np.ndarray, included: np.ndarray, *, delta: float, con
 
 @dataclass(frozen=True)
 class Canaries:
-    """Held-out training images ``[start, start + m)`` with a wrong label each, and who is inserted."""
+    """Held-out training images ``[start, start + m)``, each given a wrong label (its true label plus a
+    nonzero ``shift``, mod 10), and who is inserted: drawn before any data is read, so n is known up front."""
 
     start: int
-    labels: torch.Tensor
+    shift: torch.Tensor
     included: torch.Tensor  # bool, the secret the auditor guesses
 
     @classmethod
-    def draw(cls, true_labels: torch.Tensor, start: int, m: int, seed: int) -> "Canaries":
+    def draw(cls, start: int, m: int, seed: int) -> "Canaries":
         generator = torch.Generator().manual_seed(seed)
         shift = torch.randint(1, 10, (m,), generator=generator)
-        labels = (true_labels[start:start + m] + shift) % 10
-        included = torch.rand(m, generator=generator) < 0.5
-        return cls(start=start, labels=labels, included=included)
+        return cls(start=start, shift=shift, included=torch.rand(m, generator=generator) < 0.5)
+
+    @property
+    def m(self) -> int:
+        return len(self.shift)
+
+    def labels(self, true_labels: torch.Tensor) -> torch.Tensor:
+        return (true_labels[self.start:self.start + self.m] + self.shift) % 10
 
 
-def with_canaries(spec, private_size: int, m: int, seed: int, drawn: dict):
-    """The dataset spec whose private training set is the first ``private_size`` images plus the
-    inserted canaries (so n in the accountant counts them); the canaries are recorded in ``drawn``."""
+def with_canaries(spec, canaries: Canaries, drawn: dict):
+    """The dataset spec whose private training set is the first ``canaries.start`` images plus the
+    inserted canaries (so n in the accountant counts them); the canary images and labels go to ``drawn``."""
     from src.data import ImageTensorDataset, LoadedData
 
     def load(data_config, with_public: bool):
         full = spec.load(dataclasses.replace(data_config, train_subset=None), with_public)
         images, labels = full.train.images, full.train.labels
-        if len(images) < private_size + m:
-            raise UserError(f"the audit needs {private_size + m} training images ({private_size} private, {m} "
+        private, m = canaries.start, canaries.m
+        if len(images) < private + m:
+            raise UserError(f"the audit needs {private + m} training images ({private} private, {m} "
                             f"canaries); the data set has {len(images)}")
-        canaries = Canaries.draw(labels, private_size, m, seed)
-        inserted = images[private_size:private_size + m][canaries.included]
-        train = ImageTensorDataset(torch.cat([images[:private_size], inserted]),
-                                   torch.cat([labels[:private_size], canaries.labels[canaries.included]]))
-        drawn.update(canaries=canaries, images=images[private_size:private_size + m])
+        canary_images, canary_labels = images[private:private + m], canaries.labels(labels)
+        train = ImageTensorDataset(torch.cat([images[:private], canary_images[canaries.included]]),
+                                   torch.cat([labels[:private], canary_labels[canaries.included]]))
+        drawn.update(images=canary_images, labels=canary_labels)
         return LoadedData(train=train, test=full.test, public=full.public,
                           notes=full.notes + [f"audit: {int(canaries.included.sum())} of {m} canaries inserted"])
 
@@ -152,10 +158,8 @@ def run_audit(args) -> dict:
     from src.train import load_run_model, run
 
     spec = get_dataset("mnist")
-    m = args.canaries
-    included = Canaries.draw(torch.zeros(args.train_subset + m, dtype=torch.int64), args.train_subset, m,
-                             args.seed).included  # the same draw as in with_canaries: n is known up front
-    n = args.train_subset + int(included.sum())
+    canaries = Canaries.draw(args.train_subset, args.canaries, args.seed)
+    n = args.train_subset + int(canaries.included.sum())
     noise, claimed_epsilon = _claimed_noise(args, n)
     clip = args.clip
     if args.broken == "no-clipping":  # the claimed noise, but no per-sample bound behind it
@@ -170,17 +174,16 @@ def run_audit(args) -> dict:
         flags.update(robust=True, attack="fgsm-rs")
     config = build_config(flags, spec.defaults)
     drawn: dict = {}
-    summary = run(config, with_canaries(spec, args.train_subset, m, args.seed, drawn))
+    summary = run(config, with_canaries(spec, canaries, drawn))
     if summary["status"] != "finished":
         raise UserError(f"the audited run did not finish: {summary['status']} ({summary['reason']})")
     run_dir = Path(config.output.out) / summary["run_id"]
     model = load_run_model(str(run_dir), spec, torch.device("cpu"))
-    canaries = drawn["canaries"]
-    scores = canary_scores(model, drawn["images"], canaries.labels)
+    scores = canary_scores(model, drawn["images"], drawn["labels"])
     results = audit_guesses(scores, canaries.included.numpy(), delta=args.delta, confidence=args.confidence)
     best = max(results, key=lambda g: g.epsilon_lower_bound)
     report = {"engine": args.engine, "norm": args.norm, "robust": args.robust, "broken": args.broken,
-              "canaries": m, "inserted": int(canaries.included.sum()), "n_train": summary["n_train"],
+              "canaries": canaries.m, "inserted": int(canaries.included.sum()), "n_train": summary["n_train"],
               "confidence": args.confidence, "delta": args.delta, "accountant": "rdp",
               "claimed_epsilon": claimed_epsilon, "epsilon_lower_bound": best.epsilon_lower_bound,
               "guesses": [dataclasses.asdict(g) for g in results], "test_acc": summary["test_acc"],

@@ -68,17 +68,23 @@ def epsilon_from_history(accountant: str, history: list, delta: float) -> float:
         return float(acc.get_epsilon(delta=delta, **_accountant_options(accountant)))
 
 
+# How Opacus's accountants fail on hopeless settings: GDP's solver, PRV's domain overflowing (or asking
+# for exabytes at tiny noise), RDP's arithmetic.
+ACCOUNTING_ERRORS = (ValueError, ArithmeticError, RuntimeError, MemoryError)
+
+
+def bounded_epsilon(accountant: str, history: list, delta: float) -> Optional[float]:
+    """Epsilon, or None where the accountant cannot bound it."""
+    try:
+        value = epsilon_from_history(accountant, history, delta)
+    except ACCOUNTING_ERRORS:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def epsilon_by_accountant(history: list, delta: float) -> dict:
-    """Epsilon under every accountant; None where an accountant cannot bound it (for example GDP's solver
-    failing at large epsilon, or PRV's domain overflowing)."""
-    result = {}
-    for name in ACCOUNTANTS:
-        try:
-            value = epsilon_from_history(name, history, delta)
-            result[name] = value if math.isfinite(value) else None
-        except (ValueError, ArithmeticError, RuntimeError, MemoryError):
-            result[name] = None
-    return result
+    """Epsilon under every accountant; None where an accountant cannot bound it."""
+    return {name: bounded_epsilon(name, history, delta) for name in ACCOUNTANTS}
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
@@ -88,7 +94,7 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
             noise = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                          sample_rate=sample_rate, steps=steps, accountant=accountant,
                                          **_accountant_options(accountant))
-    except (ValueError, ArithmeticError, RuntimeError, MemoryError) as error:
+    except ACCOUNTING_ERRORS as error:
         if accountant == "gdp":
             raise UserError(f"the gdp accountant cannot calibrate --target-epsilon {target_epsilon} ({error}); "
                             "its solver fails at large epsilon: use --accountant rdp or prv") from None
@@ -99,11 +105,8 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
 
 
 def _epsilon_after(steps: int, *, noise: float, sample_rate: float, accountant: str, delta: float) -> float:
-    try:
-        value = epsilon_from_history(accountant, [(noise, sample_rate, steps)], delta)
-    except (ValueError, ArithmeticError, RuntimeError, MemoryError):
-        return math.inf
-    return value if math.isfinite(value) else math.inf
+    value = bounded_epsilon(accountant, [(noise, sample_rate, steps)], delta)
+    return math.inf if value is None else value
 
 
 def steps_within_budget(max_epsilon: float, *, noise: float, sample_rate: float, steps: int, accountant: str,
@@ -192,10 +195,11 @@ def plan_privacy(config: Config, n_train: int) -> PrivacyPlan:
         if budget_steps == 0:
             raise UserError(f"--max-epsilon {p.max_epsilon:g} does not allow a single step at noise {noise:g} and "
                             f"sample rate {schedule.sample_rate:.4g} ({p.accountant}); raise it or add noise")
-    return PrivacyPlan(budget_steps=budget_steps, max_epsilon=p.max_epsilon if p.private else None,private=p.private, n_train=n_train, batch_size=t.batch_size,
+    return PrivacyPlan(private=p.private, n_train=n_train, batch_size=t.batch_size,
                        sample_rate=schedule.sample_rate, steps_per_epoch=schedule.steps_per_epoch,
                        epochs=t.epochs, steps=steps, expected_batch_size=schedule.expected_batch_size,
                        noise_multiplier=noise, noise_calibrated=calibrated, delta=p.delta,
-                       accountant=p.accountant, epsilon=epsilon, epsilon_by_accountant=by_accountant)
+                       accountant=p.accountant, epsilon=epsilon, epsilon_by_accountant=by_accountant,
+                       budget_steps=budget_steps, max_epsilon=p.max_epsilon if p.private else None)
 
 

@@ -82,8 +82,8 @@ def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tenso
     logical batch). With ``adversarial`` (robust training) the batch is first attacked against the current
     weights. Returns the batch's summed loss and correct count (on the inputs trained on), for logging.
 
-    A non-finite loss stops the run before its gradient touches the weights, and non-finite weights after
-    a step stop it too: either way the last checkpoint (and model.pt) stay the last good ones.
+    A non-finite loss stops the run before its gradient touches the weights; non-finite weights are caught
+    before anything is saved (``require_finite_weights``): the last checkpoint and model.pt stay good.
     """
     if adversarial is not None:
         images = adversarial(training.model, images, labels)
@@ -91,14 +91,20 @@ def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tenso
     logits = training.model(images)
     batch_loss = F.cross_entropy(logits.detach(), labels, reduction="sum").item() if len(labels) else 0.0
     if not math.isfinite(batch_loss):
+        require_finite_weights(training.base_model)  # an earlier step's gradients may be the cause
         raise TrainingStopped("diverged", f"training loss became {batch_loss}; lower --lr or --clip "
                                           "(the last checkpoint is kept)")
     training.criterion(logits, labels).backward()
     training.optimizer.step()
-    if training.took_step() and not all(torch.isfinite(p).all() for p in training.base_model.parameters()):
+    return batch_loss, (logits.detach().argmax(dim=1) == labels).sum().item()
+
+
+def require_finite_weights(model: torch.nn.Module) -> None:
+    """Stop as diverged if a step left NaN or infinite weights. Checked where it matters, not after every
+    step: before anything is saved (checkpoint, model.pt), and when a loss turns non-finite."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingStopped("diverged", "a step made the weights non-finite (infinite or NaN gradients); lower "
                                           "--lr or --clip (the last checkpoint is kept)")
-    return batch_loss, (logits.detach().argmax(dim=1) == labels).sum().item()
 
 
 def train_epoch(training: Training, *, physical_batch_size: int, device: torch.device, epoch: int,
@@ -191,6 +197,7 @@ class RunSession:
     tracker: Optional[WandbRun] = None
 
     def save_checkpoint(self, position: Position) -> None:
+        require_finite_weights(self.training.base_model)
         checkpoint.save(self.run_dir.path, checkpoint.capture(
             model=self.training.base_model, optimizer=self.training.optimizer.original_optimizer,
             history=self.training.history(), generators=self.generators, position=position,
@@ -353,6 +360,7 @@ def _train_epochs(session: RunSession, position: Position, sampling_state, start
                                sampling_state=sampling_state if resumed else None, step_limit=plan.budget_steps,
                                after_step=after_step)
         step = first_step + progress.steps
+        require_finite_weights(training.base_model)  # before evaluating and saving this epoch
         if session.refresh_public is not None:
             session.refresh_public()  # evaluate and save with the statistics of the final weights
         test_loss, test_acc = evaluate(training.model, session.data.test, batch_size=config.train.eval_batch_size,
