@@ -48,7 +48,7 @@ def bench_training(model_name: str, norm: str, batch: int, engine: str, *, image
     noise_generator = torch.Generator(device=device).manual_seed(1) if plan.private else None
     training = attach(model, data, config, plan, sampling_generator=torch.Generator().manual_seed(2),
                       noise_generator=noise_generator)
-    refresh = public_refresher(training, public, device)
+    refresh = public_refresher(training.base_model, public, device)
     if refresh is not None:
         refresh()
     x, y = (t.to(device) for t in data.__getitems__(range(batch)))

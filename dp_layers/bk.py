@@ -12,10 +12,15 @@ scaled by the clipping factors ``c_i``.
 
 It plugs into Opacus as a ``GradSampleModuleFastGradientClipping`` subclass, so Opacus's DP optimizer
 adds the noise and its accountant counts the steps.
+
+Book-keeping needs every trainable parameter to be covered by exactly one recorded layer call: its
+per-sample norm is that call's norm, and that call's clipped sum is its gradient. Models that break this
+(a layer called twice, tied weights, a trainable layer in eval mode or unused) are refused with
+``UnsupportedModelError`` before any gradient is touched (``BookKeepingGradSampleModule.check_records``).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterable, List
 
 import torch
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
@@ -28,6 +33,17 @@ from dp_layers.norm_rules import CONV_TYPES, conv_factors, conv_plan, conv_weigh
 ClippedSum = Callable[[torch.Tensor], Dict[nn.Parameter, torch.Tensor]]
 CONV_WEIGHT_GRADIENT = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2d_weight,
                         nn.Conv3d: torch.nn.grad.conv3d_weight}
+
+
+class UnsupportedModelError(ValueError):
+    """A model that book-keeping would clip wrongly, so that the update would no longer be bounded by the
+    clipping norm (and the DP guarantee would not hold). Raised before any gradient is modified."""
+
+
+SHARED_PARAMETER_ADVICE = ("book-keeping cannot clip a parameter used by more than one layer call (shared or tied "
+                           "weights); use --engine hooks or functorch")
+UNRECORDED_ADVICE = ("its per-sample norms would be stale; put it in train mode or freeze its parameters "
+                     "(requires_grad=False)")
 
 
 def _weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
@@ -123,6 +139,10 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
     then asks autograd for the gradients of those outputs alone (so no weight gradient and no input
     gradient of the first layer is ever formed), applies each layer's rule, and leaves ``sum_i c_i g_i``
     in every parameter's ``.grad``, as the second backward pass of ghost clipping would.
+
+    Models whose parameters are not covered by exactly one recorded layer call (shared or tied weights, a
+    trainable layer in eval mode or unused) are refused with ``UnsupportedModelError``: at every step by
+    ``clipped_backward`` before it touches a gradient, and before training by ``probe(example)``.
     """
 
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
@@ -147,7 +167,8 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
             self._records.append((module, [t.detach() for t in inputs], output))
 
     def clipped_backward(self, per_sample_losses: torch.Tensor) -> None:
-        records, self._records = self._records, []
+        records, self._records = self._records, []  # a refused step must not poison the next one
+        self.check_records(records)  # before any .grad or _norm_sample is touched: a refused step changes nothing
         n = per_sample_losses.shape[0]
         reduced = per_sample_losses.mean() if self.loss_reduction == "mean" else per_sample_losses.sum()
         output_grads = torch.autograd.grad(reduced, [output for _, _, output in records], allow_unused=True)
@@ -164,6 +185,120 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         for clipped_sum in clipped_sums:
             for param, grad in clipped_sum(coef).items():
                 param.grad = grad if param.grad is None else param.grad + grad
+
+    def _covered_parameters(self, module: nn.Module) -> List[nn.Parameter]:
+        """The trainable parameters whose per-sample norm and clipped sum one recorded call of ``module``
+        provides: its own (direct) parameters for the layers with a rule or a registered grad sampler
+        (their trainable children are recorded themselves, ``iterate_submodules``), the whole subtree for
+        the layers functorch handles (``ft_compute_per_sample_gradient`` differentiates all of them)."""
+        direct = (isinstance(module, nn.Linear) or isinstance(module, CONV_TYPES)
+                  or type(module) in BookKeepingGradSampleModule.GRAD_SAMPLERS)
+        return [p for p in module.parameters(recurse=not direct) if p.requires_grad]
+
+    def check_records(self, records: Iterable[tuple]) -> None:
+        """Refuse (``UnsupportedModelError``) unless the step's records cover every trainable parameter of
+        the model exactly once.
+
+        Book-keeping (Bu et al. 2023) takes a parameter's per-sample gradient norm from the one layer call
+        that produced it. A parameter reached by two calls (a layer called twice in a forward pass, or a
+        Parameter shared by two modules) would get the norm of the last call only while both calls'
+        clipped sums reach ``.grad``: the update would exceed the bound ``C`` per example (up to about
+        twice it). Opacus's ghost clipping refuses such models for the same reason ("Parameter tying is not
+        supported with Ghost Clipping"). A trainable parameter that no call covers (its layer is in eval
+        mode, so the forward hook does not record it, or it is unused in the forward pass) would keep the
+        ``_norm_sample`` of an earlier step and be clipped with a stale norm. Frozen parameters
+        (``requires_grad`` False) are neither clipped nor required; but they must have been frozen before
+        the model was wrapped, since Opacus's clipping factor (``get_norm_sample``) counts the norms of the
+        parameters that were trainable then (a parameter unfrozen later would reach ``.grad`` unbounded,
+        one frozen later would add a stale norm).
+        """
+        records = list(records)
+        owners: Dict[int, List[nn.Module]] = {}  # id(param) -> the layer calls that cover it, in call order
+        for module, _, _ in records:
+            for param in self._covered_parameters(module):
+                owners.setdefault(id(param), []).append(module)
+        trainable = [param for _, param in trainable_parameters(self._module)]
+        shared = [param for param in trainable if len(owners.get(id(param), ())) > 1]
+        if shared:
+            names, module_names = self._parameter_names(), self._module_names()
+            details = "; ".join(
+                f"parameter {' = '.join(repr(n) for n in names[id(param)])} is used by {len(owners[id(param)])} "
+                f"layer calls ({', '.join(repr(module_names.get(id(m), type(m).__name__)) for m in owners[id(param)])})"
+                for param in shared)
+            raise UnsupportedModelError(f"{SHARED_PARAMETER_ADVICE}: {details}")
+        # Opacus's clipping factor (get_norm_sample) counts the parameters trainable when the model was wrapped.
+        counted = {id(param) for param in self.trainable_parameters}
+        changed = [param for param in trainable if id(param) not in counted]
+        changed += [param for param in self.trainable_parameters if not param.requires_grad]
+        if changed:
+            names = self._parameter_names()
+            raise UnsupportedModelError(
+                f"book-keeping cannot clip parameters whose requires_grad changed after the model was wrapped "
+                f"({', '.join(repr(names.get(id(p), ['?'])[0]) for p in changed)}): the clipping factor would "
+                f"count stale norms or miss gradients; freeze or unfreeze parameters before wrapping the model")
+        missing = [param for param in trainable if id(param) not in owners]
+        if missing:
+            raise UnsupportedModelError(self._unrecorded_message(missing, bool(records)))
+
+    def _module_names(self) -> Dict[int, str]:
+        return {id(m): name or type(m).__name__ for name, m in self._module.named_modules(remove_duplicate=False)}
+
+    def _parameter_names(self) -> Dict[int, List[str]]:
+        names: Dict[int, List[str]] = {}
+        for name, param in self._module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        return names
+
+    def _unrecorded_message(self, missing: List[nn.Parameter], anything_recorded: bool) -> str:
+        missing_ids = {id(p) for p in missing}
+        layers = []  # (layer name, layer, its uncovered parameter names), in model order
+        for name, module in self._module.named_modules():
+            own = [f"{name}.{pname}" if name else pname for pname, p in module.named_parameters(recurse=False)
+                   if id(p) in missing_ids]
+            if own:
+                layers.append((name or type(module).__name__, module, own))
+        parts = []
+        for name, module, own in layers[:5]:
+            state = "eval mode" if not module.training else "train mode but produced no record"
+            parts.append(f"trainable submodule {name!r} is in eval mode (or unused in forward) [it is in {state}; "
+                         f"parameters {', '.join(own)}]")
+        more = f"; and {len(layers) - 5} more layers" if len(layers) > 5 else ""
+        hint = "" if anything_recorded else (" (no layer call was recorded at all: the model is in eval mode, the "
+                                             "forward ran under torch.no_grad, or the hooks are disabled)")
+        return (f"book-keeping cannot clip parameters no layer call recorded{hint}: {'; '.join(parts)}{more}: "
+                f"{UNRECORDED_ADVICE}")
+
+    def probe(self, example: torch.Tensor) -> None:
+        """Refuse an unsupported model before training starts: one forward pass of ``example`` (e.g.
+        ``torch.zeros(1, C, H, W)``, moved to the parameters' device and floating dtype) with gradients
+        enabled and the hooks on, in the module's current train/eval mode, then ``check_records`` on the
+        records it made. Raises ``UnsupportedModelError`` as ``clipped_backward`` would.
+
+        Leaves nothing behind, also when it raises: its records are dropped (any earlier ones kept), no
+        backward is run (no ``.grad``, no ``_norm_sample``), buffers, the hook switch and the random number
+        generators are restored, so a training run is the same with or without the probe.
+        """
+        first = next(self._module.parameters(), None)
+        if first is not None:
+            example = example.to(device=first.device,
+                                 dtype=first.dtype if example.is_floating_point() and first.is_floating_point()
+                                 else None)
+        earlier, self._records = self._records, []
+        hooks_were_enabled = self.hooks_enabled
+        buffers = [(b, b.detach().clone()) for b in self._module.buffers()]
+        devices = [example.device.index if example.device.index is not None else torch.cuda.current_device()] \
+            if example.is_cuda else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                self.enable_hooks()
+                self._module(example)
+            self.check_records(self._records)
+        finally:
+            self._records = earlier
+            self.hooks_enabled = hooks_were_enabled
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
 
 
 class BookKeepingLoss:

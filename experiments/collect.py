@@ -16,7 +16,9 @@ from src.tracking import atomic_write_text
 
 COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "robust", "attack", "pgd_eps",
            "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train", "epoch",
-           "step", "epsilon", "train_loss", "train_acc", "test_loss", "test_acc", "robust_acc", "seconds"]
+           "step", "epsilon", "val_loss", "val_acc", "test_loss", "test_acc", "robust_acc", "seconds"]
+# Loss and accuracy on the private training batches are never collected: epsilon does not cover them
+# (runs with --unprotected-train-stats keep them, labelled, in their own metrics.jsonl only).
 
 
 def run_rows(run_dir: Path, sweep: str) -> list:

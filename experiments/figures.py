@@ -6,7 +6,8 @@
 1. test accuracy vs epsilon, one panel per noise multiplier, hue = normalization, style = robust training,
    mean and standard deviation over seeds (one point per epoch): seed 002's Figures 1-2;
 2. the same for robust accuracy (runs that measured it);
-3. accuracy, loss and epsilon per epoch for one run (seed 003's plots);
+3. validation/test accuracy and loss and epsilon per epoch for one run (seed 003's plots; statistics of the
+   private training batches are not drawn, since epsilon does not cover them);
 4. the engine benchmark: time and memory ratios against non-private training.
 """
 from __future__ import annotations
@@ -68,11 +69,13 @@ def run_curves(run_dir: Path, out: Path, name: str) -> list:
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = pd.DataFrame(rows)
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.3))
-    accuracy = metrics.melt(id_vars="epoch", value_vars=[c for c in ("train_acc", "test_acc", "robust_acc")
-                                                          if c in metrics and metrics[c].notna().any()],
+    def present(*columns):  # training-set statistics are not drawn: epsilon does not cover them
+        return [c for c in columns if c in metrics and metrics[c].notna().any()]
+
+    accuracy = metrics.melt(id_vars="epoch", value_vars=present("val_acc", "test_acc", "robust_acc"),
                             var_name="split", value_name="accuracy (%)").dropna()
     sns.lineplot(data=accuracy, x="epoch", y="accuracy (%)", hue="split", marker="o", ax=axes[0])
-    loss = metrics.melt(id_vars="epoch", value_vars=["train_loss", "test_loss"], var_name="split",
+    loss = metrics.melt(id_vars="epoch", value_vars=present("val_loss", "test_loss"), var_name="split",
                         value_name="cross-entropy (nats)")
     sns.lineplot(data=loss, x="epoch", y="cross-entropy (nats)", hue="split", marker="o", ax=axes[1])
     if metrics["epsilon"].notna().any() and (metrics["epsilon"] != float("inf")).all():

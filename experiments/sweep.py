@@ -57,9 +57,11 @@ class Sweep:
 
 def point_flags(flags: Dict[str, Any]) -> Dict[str, Any]:
     """The flags one grid point passes to ``vision.py``: the training-attack settings of a sweep apply to its
-    robust points only (``vision.py`` refuses them without ``--robust`` rather than ignore them)."""
+    robust points only (``vision.py`` refuses them without ``--robust`` rather than ignore them). A sweep's
+    runs are reproducible: a point without a seed gets ``--seed 0`` (``vision.py`` alone draws one from the OS)."""
+    flags = {"seed": 0, **flags}
     if flags.get("robust"):
-        return dict(flags)
+        return flags
     return {k: v for k, v in flags.items() if k.replace("-", "_") not in ROBUST_TRAINING_FLAGS}
 
 

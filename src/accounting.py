@@ -11,13 +11,13 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from src.config import ACCOUNTANTS, Config
+from src.config import RIGOROUS_ACCOUNTANTS, Config
 from src.errors import UserError
 
 # Opacus's RDP orders stop at 63; short high-epsilon runs (small subsets, few steps) have their optimum
@@ -25,8 +25,8 @@ from src.errors import UserError
 # whenever the optimum lies below 63, as in the published reference values the tests check.
 RDP_ORDERS = list(RDPAccountant.DEFAULT_ALPHAS) + [64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024]
 
-GDP_NOTE = ("gdp is a central-limit approximation that can understate epsilon; "
-            "rdp and prv are rigorous upper bounds and are reported alongside")
+GDP_NOTE = ("epsilon_gdp_approximation is GDP's central-limit approximation, which can understate epsilon; "
+            "only the rdp and prv values are guarantees")
 
 
 @dataclass(frozen=True)
@@ -83,47 +83,63 @@ def bounded_epsilon(accountant: str, history: list, delta: float) -> Optional[fl
 
 
 def epsilon_by_accountant(history: list, delta: float) -> dict:
-    """Epsilon under every accountant; None where an accountant cannot bound it."""
-    return {name: bounded_epsilon(name, history, delta) for name in ACCOUNTANTS}
+    """Epsilon under every rigorous accountant (rdp, prv); None where one cannot bound it."""
+    return {name: bounded_epsilon(name, history, delta) for name in RIGOROUS_ACCOUNTANTS}
+
+
+def gdp_approximation(history: list, delta: float) -> Optional[float]:
+    """GDP's central-limit value (Dong, Roth and Su 2019): reported, labelled, never a guarantee (GDP_NOTE)."""
+    return bounded_epsilon("gdp", history, delta)
+
+
+def require_rigorous(accountant: str) -> None:
+    """Calibration and the budget guard promise epsilon <= E: only an upper bound can keep that promise."""
+    if accountant not in RIGOROUS_ACCOUNTANTS:
+        raise ValueError(f"{accountant} is not a rigorous accountant; calibrate and guard with "
+                         f"{' or '.join(RIGOROUS_ACCOUNTANTS)}")
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """The smallest noise (to Opacus's bisection tolerance) whose epsilon after ``steps`` is <= target."""
+    require_rigorous(accountant)
     try:
         with quiet_accounting():
             noise = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                          sample_rate=sample_rate, steps=steps, accountant=accountant,
                                          **_accountant_options(accountant))
     except ACCOUNTING_ERRORS as error:
-        if accountant == "gdp":
-            raise UserError(f"the gdp accountant cannot calibrate --target-epsilon {target_epsilon} ({error}); "
-                            "its solver fails at large epsilon: use --accountant rdp or prv") from None
         raise UserError(f"--target-epsilon {target_epsilon} cannot be met with delta {delta}, sample rate "
                         f"{sample_rate:.4g} and {steps} steps ({error}); raise the target, train fewer epochs "
                         "or use a smaller batch") from None
     return float(noise)
 
 
-def _epsilon_after(steps: int, *, noise: float, sample_rate: float, accountant: str, delta: float) -> float:
-    value = bounded_epsilon(accountant, [(noise, sample_rate, steps)], delta)
-    return math.inf if value is None else value
-
-
 def steps_within_budget(max_epsilon: float, *, noise: float, sample_rate: float, steps: int, accountant: str,
-                        delta: float) -> int:
-    """The largest T <= ``steps`` with epsilon(T) <= ``max_epsilon``.
+                        delta: float, spent: Sequence = ()) -> int:
+    """The largest T <= ``steps`` such that the steps already ``spent`` (an accountant history) followed
+    by T more steps at ``noise`` and ``sample_rate`` keep epsilon <= ``max_epsilon``.
 
-    Every step of a run has the same noise and sample rate, and epsilon only grows with T, so "before
-    each step, check that taking it keeps epsilon <= E" is exactly "stop after T steps": the run
+    Every future step has the same noise and sample rate, and epsilon only grows with T, so "before
+    each step, check that taking it keeps epsilon <= E" is exactly "stop after T more steps": the run
     compares its step counter with T instead of asking the accountant every step (PRV takes ~0.1 s).
+    A resumed run passes what its accountant has recorded, so the guard rests on what was spent, not on
+    what the plan assumed.
     """
+    require_rigorous(accountant)
+    spent = [tuple(entry) for entry in spent]
+
     def within(t: int) -> bool:
-        return _epsilon_after(t, noise=noise, sample_rate=sample_rate, accountant=accountant,
-                              delta=delta) <= max_epsilon
+        history = spent + ([(noise, sample_rate, t)] if t else [])
+        if not history:
+            return True  # no step spends nothing
+        value = bounded_epsilon(accountant, history, delta)
+        return value is not None and value <= max_epsilon
 
     if within(steps):
         return steps
-    low, high = 0, steps  # within(low) (no step spends nothing), not within(high)
+    if not within(0):
+        return 0
+    low, high = 0, steps  # within(low), not within(high)
     while high - low > 1:
         middle = (low + high) // 2
         if within(middle):
@@ -133,9 +149,21 @@ def steps_within_budget(max_epsilon: float, *, noise: float, sample_rate: float,
     return low
 
 
-def epsilon_after_steps(plan: "PrivacyPlan", steps: int) -> float:
-    return _epsilon_after(steps, noise=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                          accountant=plan.accountant, delta=plan.delta)
+def budget_step_limit(plan: "PrivacyPlan", history: list, steps_taken: int) -> Optional[int]:
+    """--max-epsilon: the step count the run must stop before, from what the accountant has recorded
+    (a resumed run's history) plus the plan's remaining steps, never from the plan alone."""
+    if plan.max_epsilon is None:
+        return None
+    return steps_taken + steps_within_budget(plan.max_epsilon, noise=plan.noise_multiplier,
+                                             sample_rate=plan.sample_rate, steps=plan.steps - steps_taken,
+                                             accountant=plan.accountant, delta=plan.delta, spent=history)
+
+
+def epsilon_after_next_step(plan: "PrivacyPlan", history: list) -> float:
+    """Epsilon if one more planned step were taken after ``history`` (inf where it cannot be bounded)."""
+    value = bounded_epsilon(plan.accountant, list(history) + [(plan.noise_multiplier, plan.sample_rate, 1)],
+                            plan.delta)
+    return math.inf if value is None else value
 
 
 @dataclass(frozen=True)
@@ -155,7 +183,8 @@ class PrivacyPlan:
     delta: float
     accountant: str
     epsilon: Optional[float]
-    epsilon_by_accountant: dict
+    epsilon_by_accountant: dict  # the rigorous accountants' bounds
+    epsilon_gdp_approximation: Optional[float]  # labelled approximation, never a guarantee
     budget_steps: Optional[int] = None  # --max-epsilon: the most steps whose epsilon stays within it
     max_epsilon: Optional[float] = None
 
@@ -175,7 +204,8 @@ def plan_privacy(config: Config, n_train: int) -> PrivacyPlan:
                         "a larger delta allows releasing an example outright")
     schedule = poisson_schedule(n_train, t.batch_size)
     steps = schedule.steps_per_epoch * t.epochs
-    noise, calibrated, epsilon, by_accountant = None, False, None, {name: None for name in ACCOUNTANTS}
+    noise, calibrated, epsilon, gdp = None, False, None, None
+    by_accountant = {name: None for name in RIGOROUS_ACCOUNTANTS}
     if p.private:
         noise = p.noise
         if p.target_epsilon is not None:
@@ -184,6 +214,7 @@ def plan_privacy(config: Config, n_train: int) -> PrivacyPlan:
             calibrated = True
         history = [(noise, schedule.sample_rate, steps)]
         by_accountant = epsilon_by_accountant(history, p.delta)
+        gdp = gdp_approximation(history, p.delta)
         epsilon = by_accountant[p.accountant]
         if epsilon is None:
             raise UserError(f"the {p.accountant} accountant cannot bound epsilon for noise {noise:g}, sample rate "
@@ -200,6 +231,7 @@ def plan_privacy(config: Config, n_train: int) -> PrivacyPlan:
                        epochs=t.epochs, steps=steps, expected_batch_size=schedule.expected_batch_size,
                        noise_multiplier=noise, noise_calibrated=calibrated, delta=p.delta,
                        accountant=p.accountant, epsilon=epsilon, epsilon_by_accountant=by_accountant,
+                       epsilon_gdp_approximation=gdp,
                        budget_steps=budget_steps, max_epsilon=p.max_epsilon if p.private else None)
 
 

@@ -3,8 +3,13 @@
 A checkpoint is taken at a logical-step boundary (the end of an epoch, and every ``--checkpoint-every``
 steps) and holds the model, the optimizer, the accountant's history, every random stream (torch, numpy,
 python, and the run's own generators: Poisson sampling, noise, attack), the step counters, the
-partial epoch's running sums, the metrics and the summary so far. It is written atomically over the
-previous one, so a failed write (a full disk, a kill) leaves the last good checkpoint in place.
+partial epoch's running sums, the metrics and the summary so far, the run's seeds, and the size and
+SHA-256 of the private training set and the public set (a resume on other data is refused: n and the
+sample rate would change mid-run). It is written atomically over the previous one, so a failed write (a
+full disk, a kill) leaves the last good checkpoint in place.
+
+A checkpoint is secret material, like the data: its seeds and generator states replay the noise, and its
+fingerprints test guesses about the training set. Nothing in it is released.
 
 Resuming mid-epoch restores the sampling generator *after* the epoch's data-loader iterator exists (the
 iterator draws a worker seed from the same generator, unused in single-process loading) and shortens the
@@ -12,6 +17,7 @@ sampler to the epoch's remaining steps, so the remaining batches are exactly tho
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,7 +31,7 @@ from src.errors import UserError
 from src.tracking import atomic_torch_save
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: seeds and the data's identity
 
 
 @dataclass
@@ -78,8 +84,38 @@ def _restore_global_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fingerprint(images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> str:
+    """SHA-256 of a data set's shape, pixels and labels: equal only for the same examples in the same order."""
+    digest = hashlib.sha256(repr(tuple(images.shape)).encode())
+    digest.update(np.ascontiguousarray(images.numpy()).data)
+    if labels is not None:
+        digest.update(np.ascontiguousarray(labels.numpy()).data)
+    return digest.hexdigest()
+
+
+def data_identity(data) -> dict:
+    """What a resumed run must find again: n and the fingerprints of the private, validation and public sets."""
+    return {"n_train": len(data.train),
+            "train_sha256": fingerprint(data.train.images, data.train.labels),
+            "val_sha256": fingerprint(data.val.images, data.val.labels) if data.val is not None else None,
+            "public_sha256": fingerprint(data.public.images) if data.public is not None else None}
+
+
+def require_same_data(checkpoint: dict, identity: dict, run_path: Path) -> None:
+    """Refuse to resume on other data: n, the sample rate and what epsilon covers would change mid-run."""
+    saved = checkpoint["data_identity"]
+    if saved["n_train"] != identity["n_train"]:
+        raise UserError(f"--resume: the private training set now has {identity['n_train']} examples, the run in "
+                        f"{run_path} trained on {saved['n_train']}; resume with the same --data-root")
+    for key, what in (("train_sha256", "private training set"), ("val_sha256", "validation set"),
+                      ("public_sha256", "public set")):
+        if saved[key] != identity[key]:
+            raise UserError(f"--resume: the {what} differs from the one the run in {run_path} started with "
+                            "(another --data-root or changed files); resume with the same data")
+
+
 def capture(*, model: torch.nn.Module, optimizer, history: list, generators: dict, position: Position,
-            metrics: list, summary: dict) -> dict:
+            metrics: list, summary: dict, seeds: dict, data_identity: dict) -> dict:
     """The checkpoint as a plain dict of tensors and Python values (loadable with ``weights_only=True``)."""
     return {"version": FORMAT_VERSION,
             "model": model.state_dict(),
@@ -90,7 +126,9 @@ def capture(*, model: torch.nn.Module, optimizer, history: list, generators: dic
             "position": {"epoch": position.epoch, "step": position.step,
                          "partial": asdict(position.partial) if position.partial else None},
             "metrics": list(metrics),
-            "summary": dict(summary)}
+            "summary": dict(summary),
+            "seeds": dict(seeds),
+            "data_identity": dict(data_identity)}
 
 
 def save(run_path: Path, checkpoint: dict) -> None:

@@ -7,8 +7,8 @@ import os
 import sys
 
 from attacks.defaults import ATTACKS, PGD_NORMS
-from src.config import (ACCOUNTANTS, ACTIVATIONS, DATA_ROOT_ENV, DEVICES, ENGINES, GLOBAL_DEFAULTS, NORMS,
-                        OPTIMIZERS, WANDB_MODES)
+from src.config import (ACTIVATIONS, DATA_ROOT_ENV, DEVICES, ENGINES, GLOBAL_DEFAULTS, NORMS, OPTIMIZERS,
+                        RIGOROUS_ACCOUNTANTS, WANDB_MODES, accountant_refusal)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -40,6 +40,12 @@ def _radius(text: str):
         if text.replace("-", "").isalpha():
             return text
         raise argparse.ArgumentTypeError(f"expected a number or a radius name, got {text!r}") from None
+
+
+def _accountant(text: str) -> str:
+    if text not in RIGOROUS_ACCOUNTANTS:
+        raise argparse.ArgumentTypeError(accountant_refusal(text))
+    return text
 
 
 def _dataset_defaults_epilog() -> str:
@@ -74,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-subset", type=_integer, metavar="N",
                       help="train on the first N private examples; the accountant uses this N")
     data.add_argument("--test-subset", type=_integer, metavar="N", help="evaluate on the first N test images")
+    data.add_argument("--val-size", type=_integer, metavar="N",
+                      help="hold out the last N private training images as a validation set (removed from n); "
+                           "tune on val_acc, never on the test set (default 0)")
     data.add_argument("--public-data", metavar="FILE.npz[:KEY]",
                       help="public images (uint8 array in an .npz or .npy) instead of the dataset's default source")
     data.add_argument("--public-size", type=_integer, metavar="N",
@@ -95,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", choices=OPTIMIZERS)
     train.add_argument("--lr", type=_number)
     train.add_argument("--momentum", type=_number)
-    train.add_argument("--seed", type=_integer)
+    train.add_argument("--seed", type=_integer,
+                       help="make the run reproducible; the DP guarantee then assumes the seed stays secret "
+                            "(default: sampling and noise seeds from the OS, kept only in checkpoint.pt)")
     train.add_argument("--device", choices=DEVICES)
     train.add_argument("--public-refresh-every", type=_integer, metavar="STEPS",
                        help="--norm bn-public: recompute the public statistics every STEPS optimizer steps "
@@ -116,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="calibrate the noise so that epsilon after all epochs is at most EPS")
     privacy.add_argument("--delta", type=_number)
     privacy.add_argument("--clip", type=_number, help="per-sample gradient norm bound")
-    privacy.add_argument("--accountant", choices=ACCOUNTANTS)
+    privacy.add_argument("--accountant", type=_accountant, metavar="{rdp,prv}",
+                         help="the rigorous accountant that calibrates, guards and reports epsilon (default rdp); "
+                              "GDP's approximation is reported beside it")
     privacy.add_argument("--max-epsilon", type=_number, metavar="EPS",
                          help="budget guard: stop cleanly before any step that would take epsilon above EPS "
                               "(for --accountant)")
@@ -159,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--wandb", choices=WANDB_MODES, help="wandb mode (default offline; never prompts)")
     output.add_argument("--wandb-project")
     output.add_argument("--wandb-group")
+    output.add_argument("--unprotected-train-stats", action="store_true", default=None,
+                        help="also release loss and accuracy on the private training batches, named "
+                             "train_loss_unprotected/train_acc_unprotected: NOT covered by epsilon")
     return parser
 
 

@@ -74,6 +74,10 @@ class LoadedData:
     test: ImageTensorDataset
     public: Optional[PublicData]
     notes: list  # human-readable remarks about what was loaded (partial sets, hold-outs)
+    val: Optional[ImageTensorDataset] = None  # --val-size: held out from the private set, never trained on
+    # The n the Poisson schedule (sample rate, steps, expected batch) is planned from, when it must be fixed
+    # before the data is drawn rather than read off it (the privacy audit inserts a random number of canaries).
+    schedule_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,12 @@ class DatasetSpec:
     supports_public_holdout: bool = False
 
     def planned_train_size(self, data_config) -> int:
-        """n for accounting without loading anything: the full set, less any public hold-out, or the subset."""
-        n = self.full_train_size - (data_config.public_size if data_config.public_holdout else 0)
+        """n for accounting without loading anything: the complete set, less any public hold-out and
+        validation set, or the subset. An assumption about the files (``--dry-run`` labels it so)."""
+        n = (self.full_train_size - (data_config.public_size if data_config.public_holdout else 0)
+             - data_config.val_size)
+        if n < 1:
+            raise UserError(f"--val-size {data_config.val_size} leaves no private {self.name} training images")
         if data_config.train_subset is not None:
             if data_config.train_subset > n:
                 raise UserError(f"--train-subset {data_config.train_subset} is larger than the {n} private "
@@ -263,6 +271,21 @@ def load_public_file(spec: str, image_shape: tuple, size: int) -> PublicData:
         raise UserError(f"--public-size {size} asks for more public images than the {len(images)} in {name}; "
                         f"lower --public-size")
     return PublicData(images=images[:size].clone(), source=f"{name} (first {size} of {len(images)})")
+
+
+def split_private(dataset: ImageTensorDataset, data_config) -> tuple:
+    """(private training set, validation set or None): the last ``--val-size`` images become the
+    validation set, and ``--train-subset`` takes the first images of the rest. The split is fixed (not
+    seeded) so every run of a study validates on the same images; they leave n, so training never sees them."""
+    val = None
+    if data_config.val_size:
+        if data_config.val_size >= len(dataset):
+            raise UserError(f"--val-size {data_config.val_size} leaves no private training images out of "
+                            f"{len(dataset)}")
+        cut = len(dataset) - data_config.val_size
+        val = ImageTensorDataset(dataset.images[cut:], dataset.labels[cut:])
+        dataset = ImageTensorDataset(dataset.images[:cut], dataset.labels[:cut])
+    return subset_first(dataset, data_config.train_subset, "--train-subset"), val
 
 
 def subset_first(dataset: ImageTensorDataset, count: Optional[int], what: str) -> ImageTensorDataset:

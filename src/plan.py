@@ -1,4 +1,8 @@
-"""``--dry-run``: what a configuration will spend, from the known dataset sizes, without loading data."""
+"""``--dry-run``: what a configuration will spend, from the known dataset sizes, without loading data.
+
+The n it plans with is an assumption (the complete data set, less hold-outs, or the subset), not a count
+of the files on disk: the report says so, since a partial set on disk gives a run a smaller n, another
+sample rate and another epsilon."""
 from __future__ import annotations
 
 from src.config import Config
@@ -12,6 +16,8 @@ def dry_run_report(config: Config, spec: DatasetSpec) -> dict:
     report = {
         "dataset": config.data.dataset,
         "n_train": plan.n_train,
+        "n_train_assumed": True,
+        "n_train_basis": _n_basis(config, spec),
         "batch_size": plan.batch_size,
         "sample_rate": plan.sample_rate,
         "epochs": plan.epochs,
@@ -25,15 +31,28 @@ def dry_run_report(config: Config, spec: DatasetSpec) -> dict:
         "accountant": plan.accountant,
         "epsilon": plan.epsilon,
         "epsilon_by_accountant": plan.epsilon_by_accountant,
+        "epsilon_gdp_approximation": plan.epsilon_gdp_approximation,
         "max_epsilon": plan.max_epsilon,
         "budget_steps": plan.budget_steps,  # steps the --max-epsilon guard allows (None: no guard)
         "engine": config.privacy.engine,
         "private": plan.private,
         "config": config.to_dict(),
     }
-    if plan.private and plan.accountant == "gdp":
+    if plan.private:
         report["note"] = GDP_NOTE
     return json_safe(report)
+
+
+def _n_basis(config: Config, spec: DatasetSpec) -> str:
+    d = config.data
+    basis = f"assumed, not read from disk: the complete {spec.name} training set ({spec.full_train_size})"
+    if d.public_holdout:
+        basis += f" less the {d.public_size}-image public hold-out"
+    if d.val_size:
+        basis += f" less the {d.val_size}-image validation set"
+    if d.train_subset is not None:
+        basis += f", of which the first {d.train_subset}"
+    return basis + "; a run on fewer files on disk plans with what it loads"
 
 
 ENGINE_SUMMARIES = {

@@ -19,7 +19,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dp_layers.bk import BookKeepingGradSampleModule, BookKeepingLoss
+from dp_layers.bk import BookKeepingGradSampleModule, BookKeepingLoss, UnsupportedModelError
 from dp_layers.norm_rules import OPACUS_NORM_SAMPLERS
 from src.accounting import PrivacyPlan, quiet_accounting
 from src.config import Config
@@ -118,17 +118,16 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
 
     Every engine draws its batches with Opacus's Poisson sampler from ``sampling_generator``, so runs of
     the same seed see the same batches whatever the engine: private and non-private differ only by
-    clipping and noise.
+    clipping and noise. The sample rate is the plan's, fixed before the data was looked at (Opacus would
+    read it off the loader's length, that is off n).
     """
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise UserError(f"the model is not compatible with DP-SGD: {errors[0]}")
     optimizer = make_optimizer(model, config.train)
-    loader = DataLoader(train_set, batch_size=config.train.batch_size, generator=sampling_generator,
-                        collate_fn=collate_batch)
     engine_name = config.privacy.engine
     if not plan.private:
-        poisson_loader = DPDataLoader.from_data_loader(loader)
+        poisson_loader = _poisson_loader(train_set, plan, sampling_generator)
         _check_schedule(poisson_loader, plan)
         return Training(model=model, optimizer=NonPrivateOptimizer(optimizer), train_loader=poisson_loader,
                         criterion=SumOverExpectedBatch(plan.expected_batch_size), privacy_engine=None)
@@ -138,10 +137,13 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
         noise_generator = None  # Opacus refuses a seeded generator in secure mode; it uses its CSPRNG
     with quiet_accounting():
         engine = PrivacyEngine(accountant=config.privacy.accountant, secure_mode=secure)
+        loader = _poisson_loader(train_set, plan, engine.secure_rng if secure else sampling_generator)
         if engine_name == "bk":
             training = _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator)
         else:
             training = _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generator)
+    # Opacus sets the average's denominator from the loader's data set; the plan's is fixed with the schedule.
+    training.optimizer.expected_batch_size = plan.expected_batch_size
     _check_schedule(training.train_loader, plan)
     if training.optimizer.expected_batch_size != plan.expected_batch_size:
         raise RuntimeError(f"Opacus averages over {training.optimizer.expected_batch_size} examples, the plan "
@@ -155,33 +157,50 @@ def _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generat
     mode = "ghost" if engine_name == "mixed-ghost" else engine_name
     wrapped = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
-        noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip, poisson_sampling=True,
+        noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip, poisson_sampling=False,
         grad_sample_mode=mode, noise_generator=noise_generator)
+    # ``loader`` already samples at the plan's rate from the right generator (the CSPRNG in secure mode, where
+    # Opacus would hand back a plain DataLoader for a non-Poisson request): it is the one training uses.
     if mode == "ghost":
-        private_model, dp_optimizer, criterion, poisson_loader = wrapped
+        private_model, dp_optimizer, criterion, _ = wrapped
         if engine_name == "ghost":
             # Stock Opacus: only its own norm rules, not the ones dp_layers registered in this process.
             private_model.NORM_SAMPLERS = dict(OPACUS_NORM_SAMPLERS)
     else:
-        (private_model, dp_optimizer, poisson_loader), criterion = wrapped, nn.CrossEntropyLoss()
-    return Training(model=private_model, optimizer=dp_optimizer, train_loader=poisson_loader,
+        (private_model, dp_optimizer, _), criterion = wrapped, nn.CrossEntropyLoss()
+    return Training(model=private_model, optimizer=dp_optimizer, train_loader=loader,
                     criterion=criterion, privacy_engine=engine)
 
 
 def _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator) -> Training:
     """bk: the same Opacus parts that ``make_private`` assembles for ghost clipping (Poisson loader,
     fast-gradient-clipping optimizer, accountant hook), around the book-keeping module."""
-    poisson_loader = DPDataLoader.from_data_loader(loader, generator=engine.secure_rng)
-    sample_rate = 1 / len(loader)
     module = BookKeepingGradSampleModule(model, loss_reduction="mean", max_grad_norm=config.privacy.clip)
     module.forbid_grad_accumulation()
     dp_optimizer = DPOptimizerFastGradientClipping(
         optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip,
-        expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean",
+        expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
         generator=engine.secure_rng if engine.secure_mode else noise_generator, secure_mode=engine.secure_mode)
-    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    return Training(model=module, optimizer=dp_optimizer, train_loader=poisson_loader,
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+    return Training(model=module, optimizer=dp_optimizer, train_loader=loader,
                     criterion=BookKeepingLoss(module, nn.CrossEntropyLoss()), privacy_engine=engine)
+
+
+def check_engine_supports(training: Training, train_set) -> None:
+    """Refuse, before training, a model whose parameters book-keeping cannot clip (shared or tied weights,
+    a trainable layer in eval mode): one forward pass on a blank image, no private data. Call it once the
+    model can run a forward pass (public BatchNorm statistics computed)."""
+    if not isinstance(training.model, BookKeepingGradSampleModule):
+        return
+    try:
+        training.model.probe(torch.zeros(1, *train_set.images.shape[1:]))
+    except UnsupportedModelError as error:
+        raise UserError(f"--engine bk: {error}") from None
+
+
+def _poisson_loader(train_set, plan: PrivacyPlan, generator) -> DPDataLoader:
+    """Opacus's Poisson-sampling loader at the plan's sample rate."""
+    return DPDataLoader(train_set, sample_rate=plan.sample_rate, collate_fn=collate_batch, generator=generator)
 
 
 def require_secure_rng() -> None:

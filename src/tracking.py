@@ -84,8 +84,8 @@ def git_commit() -> Optional[str]:
 
 def new_run_id(config) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return (f"{config.data.dataset}-{config.privacy.engine}-{config.model.norm}-s{config.train.seed}-"
-            f"{stamp}-{uuid.uuid4().hex[:4]}")
+    seed = f"-s{config.train.seed}" if config.train.seed is not None else ""
+    return f"{config.data.dataset}-{config.privacy.engine}-{config.model.norm}{seed}-{stamp}-{uuid.uuid4().hex[:4]}"
 
 
 class RunDirectory:

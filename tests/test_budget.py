@@ -11,7 +11,7 @@ from src.mnist import DEFAULTS as MNIST_DEFAULTS
 from tests.conftest import run_cli
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])  # gdp may not guard (test_released_outputs)
 @pytest.mark.parametrize("noise,sample_rate,max_epsilon", [(1.0, 0.01, 2.0), (0.8, 0.05, 5.0), (3.0, 0.004, 0.2)])
 def test_budget_steps_are_the_last_step_within_the_budget(accountant, noise, sample_rate, max_epsilon):
     """What 'check before each step' decides, asked of the accountant step by step around the answer."""
@@ -23,9 +23,8 @@ def test_budget_steps_are_the_last_step_within_the_budget(accountant, noise, sam
     assert epsilon_from_history(accountant, [(noise, sample_rate, allowed + 1)], 1e-5) > max_epsilon
 
 
-# GDP's solver cannot calibrate large targets at all (a refused request, tested in test_bad_input).
-@pytest.mark.parametrize("accountant,target", [(a, t) for a in ("rdp", "prv", "gdp") for t in (0.5, 1.0, 3.0, 8.0)
-                                               if (a, t) != ("gdp", 8.0)])
+# GDP is an approximation and may not calibrate (test_released_outputs).
+@pytest.mark.parametrize("accountant,target", [(a, t) for a in ("rdp", "prv") for t in (0.5, 1.0, 3.0, 8.0)])
 def test_calibration_never_overshoots_its_target(accountant, target):
     steps, sample_rate = 2350, 1 / 118
     noise = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=sample_rate, steps=steps,

@@ -234,17 +234,18 @@ def test_full_disk_during_a_run_fails_it_and_keeps_the_last_good_checkpoint(tiny
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_root, tmp_path, capsys, monkeypatch):
-    """After the first checkpoint, every training image turns NaN: the run stops as diverged before the
-    NaN gradient reaches the weights, and checkpoint.pt and model.pt stay those of epoch 1."""
+    """After the first checkpoint, every training image turns NaN: the step after makes the weights NaN,
+    the run stops there as diverged (a check of the weights, not of the private loss), and checkpoint.pt
+    and model.pt stay those of epoch 1."""
     import src.train as train
 
     saved, real_save, real_step = [], checkpoint.save, train._physical_step
     monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (saved.append(1), real_save(*a, **k)))
-    monkeypatch.setattr(train, "_physical_step", lambda training, images, labels, adversarial=None: real_step(
-        training, images * float("nan") if saved else images, labels, adversarial))
+    monkeypatch.setattr(train, "_physical_step", lambda training, images, labels, adversarial=None, **kw: real_step(
+        training, images * float("nan") if saved else images, labels, adversarial, **kw))
     code = _invoke(_two_epochs(tiny_root, tmp_path, "nan"))
     line = _one_error_line(capsys.readouterr().err)
-    assert code == 1 and "training loss became nan" in line
+    assert code == 1 and "weights non-finite" in line
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["epochs"] == 1
     kept = checkpoint.load(tmp_path / "nan")

@@ -38,11 +38,13 @@ def test_real_mnist(real_root):
     assert abs(mean - 0.1307) < 1e-3
 
 
-def test_real_partial_cifar10(real_root):
+def test_real_cifar10_training_set_and_partial_test_set(real_root):
+    """The bundle now holds all five training batches (50000 images) and the first 1000 test images."""
     loaded = cifar10.load(config("cifar10", real_root), with_public=False)
-    assert len(loaded.train) == 10000 and len(loaded.test) == 1000
+    assert len(loaded.train) == 50000 and len(loaded.test) == 1000
+    assert torch.bincount(loaded.train.labels).tolist() == [5000] * 10
     assert loaded.train.labels[:5].tolist() == [6, 9, 9, 4, 1] and loaded.test.labels[:5].tolist() == [3, 8, 8, 0, 6]
-    assert any("1 of 5 training batches" in n for n in loaded.notes)
+    assert not any("training batches" in n for n in loaded.notes)
     assert any("1000 of 10000" in n for n in loaded.notes)
 
 
