@@ -1,5 +1,6 @@
 """The empirical privacy audit: its statistics, and the two checks that could fail. Every real engine's
-lower bound stays below the accountant's epsilon; a variant without clipping is caught above it."""
+lower bound stays below the accountant's epsilon; a variant without clipping is caught above it (and the
+same training with clipping is not)."""
 from __future__ import annotations
 
 import json
@@ -56,10 +57,24 @@ def _audit(root, tmp_path, *flags) -> dict:
 def test_real_engines_stay_below_the_accountants_epsilon(flags, audit_root, tmp_path):
     report = _audit(audit_root, tmp_path, *flags)
     assert report["epsilon_lower_bound"] <= report["claimed_epsilon"], report
-    assert report["inserted"] + 300 == report["n_train"]
+    assert report["n_train"] == 300 + 600 // 2  # the schedule is fixed before the canaries are drawn
     assert json.loads((tmp_path / report["run_dir"].split("/")[-1] / "audit.json").read_text()) == report
 
 
+# Training that memorises what it is given (module doc of experiments.audit): without clipping, Adam on small
+# batches fits the mislabelled canaries it saw (the DP SGD settings generalise past them or diverge). The claim
+# is recalibrated for this batch size and the optimizer only post-processes the noised gradients, so the
+# claimed epsilon is the same ~1; measured bounds without clipping, seeds 0-9: 2.9 to 4.2 (bk with clipping: 0).
+MEMORISING = ("--optimizer", "adam", "--lr", "0.005", "--batch-size", "25", "--epochs", "40")
+
+
 def test_training_without_clipping_is_caught(audit_root, tmp_path):
-    report = _audit(audit_root, tmp_path, "--broken", "no-clipping")
+    report = _audit(audit_root, tmp_path, *MEMORISING, "--broken", "no-clipping")
+    assert report["claimed_epsilon"] == pytest.approx(1.0, abs=0.05)
     assert report["epsilon_lower_bound"] > 1.5 * report["claimed_epsilon"], report
+
+
+def test_the_same_memorising_training_with_clipping_is_not_caught(audit_root, tmp_path):
+    """The control for the test above: only the clipping differs, so it is what the audit caught."""
+    report = _audit(audit_root, tmp_path, *MEMORISING)
+    assert report["epsilon_lower_bound"] <= report["claimed_epsilon"], report
