@@ -30,10 +30,10 @@ DEFAULTS = {
     "target_epsilon": 8.0,
     "norm": "group",
     "act": "relu",
-    # Robustness: L-inf 8/255, the radius of the CIFAR-10 robustness literature (RobustBench); seed 002's
+    # Robustness: L-inf 8/255, the radius of the CIFAR-10 robustness literature (RobustBench); the CS523 study's
     # 0.03 is within 0.001 of it.
     "pgd_eps": 8 / 255,
-    "pgd_steps": 20,  # seed 002's training attack for ResNet-18
+    "pgd_steps": 20,  # the CS523 study's training attack for ResNet-18
     "pgd_radii": {"study": 0.03, "literature": 8 / 255},
 }
 

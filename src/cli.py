@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--attack", choices=ATTACKS, help="training attack (default pgd; fgsm-rs is one step)")
     robust.add_argument("--pgd-norm", choices=PGD_NORMS, help="threat model of training and evaluation (default linf)")
     robust.add_argument("--pgd-eps", type=_radius, metavar="EPS|NAME",
-                        help="attack radius in [0,1] pixel units, or a name: study (seed 002's 0.03), literature "
+                        help="attack radius in [0,1] pixel units, or a name: study (the CS523 study's 0.03), literature "
                              "(mnist 0.3, cifar10 8/255), dp-literature (mnist 0.1, its default)")
     robust.add_argument("--pgd-alpha", type=_number, help="training attack step (default 2.5 eps/steps; fgsm-rs 1.25 eps)")
     robust.add_argument("--pgd-steps", type=_integer, help="training PGD steps (mnist 40, cifar10 20)")
