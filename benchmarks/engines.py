@@ -162,7 +162,7 @@ def main(argv=None) -> int:
                                                            args.image_size))
     rows = summarise(configs, engines, samples)
     if args.save:
-        from src.tracking import atomic_write_json
+        from src.atomic_files import atomic_write_json
 
         atomic_write_json(args.save, rows)
     if args.json:

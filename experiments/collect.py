@@ -5,14 +5,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from src.errors import UserError
-from src.tracking import atomic_write_text
+from src.atomic_files import atomic_write_text
+from src.run_directory import RunDirectory
 
 COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "robust", "attack", "pgd_eps",
            "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train", "epoch",
@@ -23,10 +23,8 @@ COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "rob
 
 def run_rows(run_dir: Path, sweep: str) -> list:
     """One row per epoch of one run directory ([] for a run with no finished epoch)."""
-    config = json.loads((run_dir / "config.json").read_text())
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics_path = run_dir / "metrics.jsonl"
-    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    run = RunDirectory(run_dir)
+    config, summary = run.read_config(), run.read_summary()
     robust = config.get("robust", {})
     fixed = {"sweep": sweep, "run_id": run_dir.name, "status": summary.get("status"),
              "dataset": config["data"]["dataset"], "norm": config["model"]["norm"], "act": config["model"]["act"],
@@ -37,8 +35,7 @@ def run_rows(run_dir: Path, sweep: str) -> list:
              "accountant": config["privacy"]["accountant"], "delta": summary.get("delta"),
              "n_train": summary.get("n_train")}
     rows = []
-    for line in lines:
-        metrics = json.loads(line)
+    for metrics in run.read_metrics():
         rows.append({**fixed, **{k: metrics.get(k) for k in COLUMNS if k not in fixed}})
     return rows
 
@@ -52,7 +49,7 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     for run_dir in sorted(sweep_dir.iterdir()):
         if not run_dir.is_dir() or run_dir.name.startswith("_") or ".attempt-" in run_dir.name:
             continue
-        if not (run_dir / "config.json").exists() or not (run_dir / "summary.json").exists():
+        if not RunDirectory(run_dir).is_run():
             continue
         rows.extend(run_rows(run_dir, sweep_dir.name))
     if not rows:

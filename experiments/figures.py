@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from src.errors import UserError  # noqa: E402
+from src.run_directory import RunDirectory  # noqa: E402
 
 
 def _privacy_label(table: pd.DataFrame) -> str:
@@ -65,8 +66,10 @@ def accuracy_vs_epsilon(table: pd.DataFrame, column: str, out: Path, name: str) 
 
 
 def run_curves(run_dir: Path, out: Path, name: str) -> list:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run = RunDirectory(run_dir)
+    rows, summary = run.read_metrics(), run.read_summary()
+    if not rows:
+        raise UserError(f"{run_dir} has no finished epoch to draw")
     metrics = pd.DataFrame(rows)
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.3))
     def present(*columns):  # training-set statistics are not drawn: epsilon does not cover them

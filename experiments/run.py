@@ -12,7 +12,6 @@ wandb sweep instead, for ``wandb sweep`` + ``wandb agent`` on many machines.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -24,21 +23,16 @@ from tqdm import tqdm
 
 from experiments.sweep import GridPoint, Sweep, load_sweep, wandb_sweep_spec
 from src.errors import UserError
+from src.run_directory import RunDirectory
 
 REPO = Path(__file__).resolve().parents[1]
 DONE_STATES = ("finished", "diverged", "budget-exhausted")
 RESUMABLE_STATES = ("running", "failed", "interrupted")  # "running" on disk: the process was killed
-CHECKPOINT_FILE = "checkpoint.pt"  # src.checkpoint.CHECKPOINT_FILE, without importing torch here
 
 
 def run_state(run_dir: Path) -> str:
     """'missing', or the status in summary.json ('unreadable' if it cannot be read)."""
-    if not run_dir.exists():
-        return "missing"
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status", "unreadable")
-    except (OSError, ValueError):
-        return "unreadable"
+    return RunDirectory(run_dir).status()
 
 
 def set_aside(run_dir: Path) -> Path:
@@ -80,7 +74,7 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int, extra: list, wandb_mode: st
         if state in DONE_STATES:
             counts["skipped"] += 1
             continue
-        if state in RESUMABLE_STATES and (run_dir / CHECKPOINT_FILE).is_file():
+        if state in RESUMABLE_STATES and RunDirectory(run_dir).has_checkpoint():
             counts["resumed"] += 1
             todo.append((point, resume_command(run_dir, wandb_mode)))
             continue

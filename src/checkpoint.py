@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from src.errors import UserError
-from src.tracking import atomic_torch_save
+from src.atomic_files import atomic_torch_save
+from src.run_directory import CHECKPOINT_FILE
 
-CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 2  # 2: seeds and the data's identity
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from src.config import Config
 from src.data import DatasetSpec
 from src.errors import UserError
-from src.tracking import RunDirectory, WandbRun, check_wandb_mode, git_commit, recording_outcome
+from src.run_directory import RunDirectory
+from src.tracking import WandbRun, check_wandb_mode, git_commit, recording_outcome
 from src.train import derive_seeds, evaluate, exit_code_for, load_run_model, resolve_device, run_masking_checks
 from attacks.robust_eval import robust_accuracy
 

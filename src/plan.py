@@ -8,7 +8,7 @@ from __future__ import annotations
 from src.config import Config
 from src.data import DatasetSpec
 from src.accounting import GDP_NOTE, plan_privacy
-from src.tracking import json_safe
+from src.atomic_files import json_safe
 
 
 def dry_run_report(config: Config, spec: DatasetSpec) -> dict:

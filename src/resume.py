@@ -5,12 +5,12 @@ given again; anything that changes what is trained is refused, so a resumed run 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from src.config import Config, validate
 from src.errors import UserError
+from src.run_directory import RunDirectory
 
 RESUMABLE_OVERRIDES = {"data_root": "data", "device": "train", "wandb": "output"}
 NOT_RESUMABLE = ("finished", "budget-exhausted")
@@ -21,9 +21,10 @@ def resume_config(run_path: str, flags: Mapping[str, Any]):
     from src.datasets import get_dataset, validate_for_dataset
 
     path = Path(run_path)
+    run_dir = RunDirectory(path)
     try:
-        record = json.loads((path / "config.json").read_text())
-        status = json.loads((path / "summary.json").read_text()).get("status")
+        record = run_dir.read_config()
+        status = run_dir.read_summary().get("status")
     except FileNotFoundError as missing:
         raise UserError(f"{run_path} is not a run directory: {Path(missing.filename).name} is missing") from None
     except (OSError, ValueError) as error:

@@ -1,75 +1,23 @@
-"""Run directories and wandb.
+"""Tracking a run: wandb, the run's outcome (status and reason), its id and code version.
 
-A run directory holds config.json, metrics.jsonl, summary.json and model.pt. Every file is written
-atomically (temporary file in the same folder, fsync, rename), and summary.json exists from the first
-moment with ``status: running``, so a run that dies leaves readable results up to its last epoch.
-wandb is imported only when enabled, and a wandb failure never costs the run its files.
+The files of a run directory are ``src.run_directory``; atomic writes are ``src.atomic_files``. wandb is
+imported only when enabled, and a wandb failure never costs the run its files.
 """
 from __future__ import annotations
 
-import io
-import json
 import logging
-import math
 import os
 import subprocess
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Optional
 
-import torch
-
+from src.atomic_files import json_safe
 from src.errors import TrainingStopped, UserError, WriteFailed
 
 log = logging.getLogger(__name__)
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through ``write(file_object)`` into a temporary sibling, then rename over ``path``."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, WriteFailed):
-            raise WriteFailed(f"cannot write {path}: {error.strerror or error}") from error
-        raise
-
-
-def json_safe(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null (the run's status says why)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    """Serialise in memory first, so a failing disk surfaces as an OSError from the file write itself."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    _atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def git_commit() -> Optional[str]:
@@ -86,48 +34,6 @@ def new_run_id(config) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     seed = f"-s{config.train.seed}" if config.train.seed is not None else ""
     return f"{config.data.dataset}-{config.privacy.engine}-{config.model.norm}{seed}-{stamp}-{uuid.uuid4().hex[:4]}"
-
-
-class RunDirectory:
-    """``<out>/<run id>/``: created exclusively, never overwriting an existing run."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.metrics: list = []
-
-    @classmethod
-    def create(cls, out: str, run_id: str) -> "RunDirectory":
-        root = Path(out)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            (root / run_id).mkdir()
-        except FileExistsError:
-            raise UserError(f"run directory {root / run_id} already exists; choose another --run-id") from None
-        except OSError as error:
-            raise UserError(f"cannot create run directory under {root}: {error.strerror or error}") from None
-        return cls(root / run_id)
-
-    @property
-    def run_id(self) -> str:
-        return self.path.name
-
-    def write_config(self, config: dict) -> None:
-        atomic_write_json(self.path / "config.json", config)
-
-    def append_metrics(self, row: dict) -> None:
-        """Rewrite metrics.jsonl whole, atomically: a crash mid-write can never leave half a line."""
-        self.metrics.append(json_safe(row))
-        self.rewrite_metrics()
-
-    def rewrite_metrics(self) -> None:
-        atomic_write_text(self.path / "metrics.jsonl",
-                          "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.metrics))
-
-    def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.path / "summary.json", summary)
-
-    def save_model(self, state_dict: dict) -> None:
-        atomic_torch_save(self.path / "model.pt", state_dict)
 
 
 @contextmanager

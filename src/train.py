@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import secrets
@@ -32,8 +31,9 @@ from src.accounting import (PrivacyPlan, budget_step_limit, epsilon_after_next_s
 from src import checkpoint
 from src.checkpoint import EpochProgress, Position, resumed_sampling
 from src.privacy import Training, attach, check_engine_supports
-from src.tracking import (RunDirectory, WandbRun, check_wandb_mode, git_commit, json_safe, new_run_id,
-                          recording_outcome)
+from src.atomic_files import json_safe
+from src.run_directory import RunDirectory
+from src.tracking import WandbRun, check_wandb_mode, git_commit, new_run_id, recording_outcome
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> dict:
     session.tracker = WandbRun.start(
         mode=config.output.wandb, project=config.output.wandb_project, group=config.output.wandb_group,
         run_dir=run_dir.path, run_id=run_dir.run_id if not resume else f"{run_dir.run_id}-resumed-{summary['resumed']}",
-        config=json.loads((run_dir.path / "config.json").read_text()),
+        config=run_dir.read_config(),
         tags=[config.data.dataset, f"norm:{config.model.norm}", f"engine:{config.privacy.engine}",
               f"noise:{plan.noise_multiplier}", f"robust:{robust.robust}"] + (["resumed"] if resume else []))
     summary["wandb"] = session.tracker.directory or session.tracker.error
@@ -396,7 +396,7 @@ def _announce(config: Config, plan: PrivacyPlan, run_dir: RunDirectory, position
               "(train_*_unprotected): they are NOT covered by epsilon", flush=True)
     if position.step:
         print(f"resuming after step {position.step} (epoch {position.epoch + 1}"
-              f"{', mid-epoch' if position.partial else ''}) from {run_dir.path / checkpoint.CHECKPOINT_FILE}",
+              f"{', mid-epoch' if position.partial else ''}) from {run_dir.checkpoint_path}",
               flush=True)
     if step_limit is not None and step_limit < plan.steps:
         print(f"budget: --max-epsilon {plan.max_epsilon:g} allows {step_limit} of the {plan.steps} steps; "
@@ -508,10 +508,10 @@ def _report_outcome(summary: dict, config: Config, plan: PrivacyPlan, run_dir: R
 
 def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device) -> torch.nn.Module:
     """The saved model of a finished run directory (its config.json says how to build it)."""
-    path = Path(run_path)
+    run_dir = RunDirectory(Path(run_path))
     try:
-        record = json.loads((path / "config.json").read_text())
-        state = torch.load(path / "model.pt", map_location=device, weights_only=True)
+        record = run_dir.read_config()
+        state = run_dir.load_model_state(map_location=device)
     except FileNotFoundError as missing:
         raise UserError(f"{run_path} is not a finished run directory: "
                         f"{Path(missing.filename).name} is missing") from None

@@ -190,7 +190,7 @@ def test_val_size_holds_out_the_last_private_images_and_leaves_n(tiny_root, tmp_
 KILLED_AT_FIRST_RELEASE = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-from src.tracking import RunDirectory
+from src.run_directory import RunDirectory
 def save_model(self, state_dict):
     os.kill(os.getpid(), signal.SIGKILL)  # killed as epoch 1's model is about to be released
 RunDirectory.save_model = save_model

@@ -7,7 +7,9 @@ import math
 import pytest
 
 from src.errors import UserError
-from src.tracking import RunDirectory, WandbRun, atomic_write_json, json_safe
+from src.atomic_files import atomic_write_json, json_safe
+from src.run_directory import RunDirectory
+from src.tracking import WandbRun
 
 
 def test_failed_write_keeps_the_previous_file_and_no_temporary(tmp_path):
