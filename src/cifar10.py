@@ -6,13 +6,11 @@ when CIFAR-100 is not on disk.
 """
 from __future__ import annotations
 
-from torchvision import datasets
-
-from src.data import (DatasetSpec, ImageTensorDataset, LoadedData, PublicData, load_cifar10_split,
-                      load_public_file, load_public_torchvision, split_private, subset_first,
-                      tensors_from_torchvision)
+from src.dataset_spec import DatasetSpec
 from src.errors import UserError
-from src.models import ResNet18
+
+# torch, torchvision and the loaders are imported inside the functions below, when first used: declaring the
+# dataset (its defaults, for --help and flag errors) must stay instant.
 
 IMAGE_SHAPE = (3, 32, 32)
 # Input scaling from public knowledge only (pixels lie in [0, 1]), not from the private training images.
@@ -39,10 +37,17 @@ DEFAULTS = {
 
 
 def build_model(model_config):
+    from src.models import ResNet18
+
     return ResNet18(norm=model_config.norm, act=model_config.act, mean=MEAN, std=STD)
 
 
-def load(data_config, with_public: bool) -> LoadedData:
+def load(data_config, with_public: bool):
+    from torchvision import datasets
+
+    from src.data import (ImageTensorDataset, LoadedData, PublicData, load_cifar10_split, load_public_file,
+                          load_public_torchvision, split_private, subset_first, tensors_from_torchvision)
+
     notes: list = []
     root, download = data_config.data_root, data_config.download
     train_images, train_labels = tensors_from_torchvision(

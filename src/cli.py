@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from fractions import Fraction
 
 from attacks.defaults import ATTACKS, PGD_NORMS
 from src.config import (ACTIVATIONS, DATA_ROOT_ENV, DEVICES, ENGINES, GLOBAL_DEFAULTS, NORMS, OPTIMIZERS,
@@ -48,15 +49,51 @@ def _accountant(text: str) -> str:
     return text
 
 
+def readable(value) -> str:
+    """A default as a researcher would write it: 8/255 rather than 0.03137254901960784, on/off for switches,
+    radius names as 'study 0.03, literature 8/255'."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        short = f"{value:g}"
+        if float(short) == value:
+            return short
+        fraction = Fraction(value).limit_denominator(1000)
+        return f"{fraction.numerator}/{fraction.denominator}" if float(fraction) == value else short
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {readable(v)}" for k, v in value.items())
+    return str(value)
+
+
 def _dataset_defaults_epilog() -> str:
     from src.datasets import DATASETS
 
     lines = ["per-dataset defaults (flags you give override them):"]
     for name, spec in DATASETS.items():
-        items = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in spec.defaults.items())
-        lines.append(f"  {name}: {items}")
+        items = [f"--{k.replace('_', '-')} {readable(v)}" for k, v in spec.defaults.items() if k != "pgd_radii"]
+        lines.append(f"  {name}: " + ", ".join(items))
+        if "pgd_radii" in spec.defaults:
+            lines.append(f"    named --pgd-eps radii: {readable(spec.defaults['pgd_radii'])}")
         lines.append(f"    public data: {spec.public_default}")
     return "\n".join(lines)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append each flag's default to its help: the global one, or 'per dataset' (listed in the epilog).
+    The parser itself keeps default None, so the config layer can tell what the user gave."""
+    from src.datasets import DATASETS
+
+    per_dataset = {k for spec in DATASETS.values() for k in spec.defaults}
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or "(default" in (action.help or ""):
+            continue
+        if action.dest in per_dataset:
+            default = "per dataset, below"
+        elif GLOBAL_DEFAULTS.get(action.dest) is not None:
+            default = readable(GLOBAL_DEFAULTS[action.dest])
+        else:
+            continue
+        action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_dataset_defaults_epilog(),
     )
-    parser.add_argument("--dataset", choices=("mnist", "cifar10"), help="required, except with --resume")
+    from src.datasets import DATASETS  # the registry: a new dataset module is a new choice
+
+    parser.add_argument("--dataset", choices=tuple(DATASETS), help="required, except with --resume")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the privacy plan as one JSON object and exit, without loading data")
     parser.add_argument("--explain-engine", action="store_true",
@@ -175,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--unprotected-train-stats", action="store_true", default=None,
                         help="also release loss and accuracy on the private training batches, named "
                              "train_loss_unprotected/train_acc_unprotected: NOT covered by epsilon")
+    _show_defaults(parser)
     return parser
 
 

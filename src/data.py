@@ -11,13 +11,14 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+from src.dataset_spec import DatasetSpec  # noqa: F401  (re-exported: the datasets' contract)
 from src.errors import DataUnavailable, UserError
 
 
@@ -78,35 +79,6 @@ class LoadedData:
     # The n the Poisson schedule (sample rate, steps, expected batch) is planned from, when it must be fixed
     # before the data is drawn rather than read off it (the privacy audit inserts a random number of canaries).
     schedule_size: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What a per-dataset module in ``src/`` declares: its model, data, public data and defaults."""
-
-    name: str
-    image_shape: tuple  # (C, H, W)
-    num_classes: int
-    full_train_size: int  # size of the complete training set, used when no data is loaded (dry-run)
-    defaults: dict
-    build_model: Callable  # (ModelConfig) -> nn.Module
-    load: Callable  # (DataConfig, with_public: bool) -> LoadedData
-    public_default: str  # one line saying where public data comes from by default
-    supports_public_holdout: bool = False
-
-    def planned_train_size(self, data_config) -> int:
-        """n for accounting without loading anything: the complete set, less any public hold-out and
-        validation set, or the subset. An assumption about the files (``--dry-run`` labels it so)."""
-        n = (self.full_train_size - (data_config.public_size if data_config.public_holdout else 0)
-             - data_config.val_size)
-        if n < 1:
-            raise UserError(f"--val-size {data_config.val_size} leaves no private {self.name} training images")
-        if data_config.train_subset is not None:
-            if data_config.train_subset > n:
-                raise UserError(f"--train-subset {data_config.train_subset} is larger than the {n} private "
-                                f"{self.name} training images")
-            n = data_config.train_subset
-        return n
 
 
 def to_nchw_uint8(array: np.ndarray, image_shape: tuple, what: str) -> torch.Tensor:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from src import cifar10, mnist
-from src.data import DatasetSpec
+from src.dataset_spec import DatasetSpec
 from src.errors import UserError
 
 DATASETS = {spec.name: spec for spec in (mnist.DATASET, cifar10.DATASET)}

@@ -1,11 +1,11 @@
-"""MNIST with LeNet-5; public data: the first KMNIST training images (Davody et al. 2020, as in the CS523 study of DP and robust training with BatchNorm)."""
+"""MNIST with LeNet-5; public data: the first KMNIST training images (Davody et al. 2020, as in the CS523
+study of DP and robust training with BatchNorm)."""
 from __future__ import annotations
 
-from torchvision import datasets
+from src.dataset_spec import DatasetSpec
 
-from src.data import (DatasetSpec, ImageTensorDataset, LoadedData, PublicData, load_public_file,
-                      load_public_torchvision, load_torchvision, split_private, subset_first, tensors_from_torchvision)
-from src.models import LeNet5
+# torch, torchvision and the loaders are imported inside the functions below, when first used: declaring the
+# dataset (its defaults, for --help and flag errors) must stay instant.
 
 IMAGE_SHAPE = (1, 28, 28)
 # Input scaling from public knowledge only (pixels lie in [0, 1]), not from the private training images.
@@ -34,15 +34,25 @@ DEFAULTS = {
 
 
 def build_model(model_config):
+    from src.models import LeNet5
+
     return LeNet5(norm=model_config.norm, act=model_config.act, mean=MEAN, std=STD)
 
 
 def _split(root, *, train, download):
+    from torchvision import datasets
+
+    from src.data import ImageTensorDataset, load_torchvision, tensors_from_torchvision
+
     dataset = load_torchvision(datasets.MNIST, root, train=train, download=download, folder="MNIST/raw")
     return ImageTensorDataset(*tensors_from_torchvision(dataset, IMAGE_SHAPE))
 
 
-def _public(data_config) -> PublicData:
+def _public(data_config):
+    from torchvision import datasets
+
+    from src.data import load_public_file, load_public_torchvision
+
     if data_config.public_data:
         return load_public_file(data_config.public_data, IMAGE_SHAPE, data_config.public_size)
     return load_public_torchvision(datasets.KMNIST, data_config, image_shape=IMAGE_SHAPE, folder="KMNIST/raw",
@@ -50,7 +60,9 @@ def _public(data_config) -> PublicData:
                                                "e.g. KMNIST/kmnist_partial.npz with --public-size 105)")
 
 
-def load(data_config, with_public: bool) -> LoadedData:
+def load(data_config, with_public: bool):
+    from src.data import LoadedData, split_private, subset_first
+
     root, download = data_config.data_root, data_config.download
     train, val = split_private(_split(root, train=True, download=download), data_config)
     test = subset_first(_split(root, train=False, download=download), data_config.test_subset, "--test-subset")
