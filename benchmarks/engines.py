@@ -24,10 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+from src.engines import ENGINES as ALL_ENGINES, PRIVATE_ENGINES
+
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ["non-private", "hooks", "functorch", "ghost", "mixed-ghost", "bk"]
-ENGINE_LABELS = {"non-private": "non-private", "hooks": "Opacus hooks", "functorch": "Opacus functorch",
-                 "ghost": "Opacus ghost (stock)", "mixed-ghost": "mixed ghost (ours)", "bk": "book-keeping (ours)"}
+# The baseline first, then every private engine (src.engines).
+ENGINES = ["non-private", *PRIVATE_ENGINES]
+ENGINE_LABELS = {name: engine.label for name, engine in ALL_ENGINES.items()}
 FULL = [("lenet5", "none", 256), ("lenet5", "bn-public", 256), ("resnet18", "group", 32),
         ("resnet18", "bn-public", 32), ("resnet18", "group", 64), ("resnet18", "bn-public", 64)]
 QUICK = [("lenet5", "group", 64)]

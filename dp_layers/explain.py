@@ -8,6 +8,7 @@ from torch import nn
 
 from dp_layers.norm_rules import CONV_TYPES, OPACUS_NORM_SAMPLERS, conv_plan
 from dp_layers.public_bn import collecting_public_statistics
+from src.engines import ENGINES
 
 
 def layer_input_shapes(model: nn.Module, image_shape: tuple) -> dict:
@@ -29,8 +30,8 @@ def layer_input_shapes(model: nn.Module, image_shape: tuple) -> dict:
 def _method(engine: str, module: nn.Module, input_shape: tuple) -> str:
     if engine == "non-private":
         return "no per-sample gradients"
-    if engine in ("hooks", "functorch"):
-        return f"per-sample gradient ({'functorch vmap' if engine == 'functorch' else 'Opacus grad sampler'})"
+    if ENGINES[engine].per_sample_gradients:
+        return f"per-sample gradient ({ENGINES[engine].per_sample_gradients})"
     if engine == "ghost" and type(module) not in OPACUS_NORM_SAMPLERS:
         return "per-sample gradient, then its norm (stock Opacus ghost has no rule for this layer)"
     if isinstance(module, nn.Linear):

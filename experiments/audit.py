@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from src.engines import PRIVATE_ENGINES
 from src.errors import UserError
 
 GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.5)  # total guesses r as a fraction of m, half "in" and half "out"
@@ -223,7 +224,7 @@ def run_audit(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default="data", help="torchvision data folder with MNIST")
-    parser.add_argument("--engine", default="bk", choices=("hooks", "functorch", "ghost", "mixed-ghost", "bk"))
+    parser.add_argument("--engine", default="bk", choices=PRIVATE_ENGINES)
     parser.add_argument("--norm", default="none", choices=("none", "group", "bn-public"))
     parser.add_argument("--public-data", help="public images for --norm bn-public (default: KMNIST under --data-root)")
     parser.add_argument("--public-size", type=int, default=None)

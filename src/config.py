@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from attacks.defaults import ATTACKS, PGD_NORMS, default_alpha
+from src.engines import ENGINE_NAMES
 from src.errors import UserError
 
-# hooks, functorch, ghost: Opacus's own grad_sample_mode values (ghost as Opacus ships it);
-# mixed-ghost: Opacus ghost clipping with this project's norm rules; bk: book-keeping (dp_layers).
-ENGINES = ("hooks", "functorch", "ghost", "mixed-ghost", "bk", "non-private")
+ENGINES = ENGINE_NAMES  # src.engines: one record per engine
 # Every accountant a run reports. Only the rigorous ones (upper bounds on epsilon) may calibrate the noise,
 # guard the budget and give the run's headline epsilon; GDP is a central-limit approximation that can
 # understate epsilon (a GDP target of 3 on MNIST gives noise 1.04, whose PRV lower bound is 3.13), so it is

@@ -6,6 +6,7 @@ sample rate and another epsilon."""
 from __future__ import annotations
 
 from src.config import Config
+from src.engines import ENGINES
 from src.data import DatasetSpec
 from src.accounting import GDP_NOTE, plan_privacy
 from src.atomic_files import json_safe
@@ -55,18 +56,6 @@ def _n_basis(config: Config, spec: DatasetSpec) -> str:
     return basis + "; a run on fewer files on disk plans with what it loads"
 
 
-ENGINE_SUMMARIES = {
-    "hooks": "Opacus hooks: every layer materialises per-sample gradients; one backward pass.",
-    "functorch": "Opacus functorch: per-sample gradients by vmap; one backward pass.",
-    "ghost": "Opacus ghost clipping as shipped: norm rules for Linear/Embedding only; two backward passes.",
-    "mixed-ghost": "Ghost clipping with a norm rule for every layer (conv: ghost or instantiate, whichever "
-                   "costs less for its input shape); two backward passes.",
-    "bk": "Book-keeping: the same per-layer norms during one input-gradient-only backward pass, then each "
-          "layer's clipped gradient sum from what it kept (Bu et al. 2023).",
-    "non-private": "Plain training: no per-sample gradients, no clipping, no noise.",
-}
-
-
 def engine_table(config: Config, spec: DatasetSpec) -> str:
     """Markdown table of how ``--engine`` computes each layer's per-sample gradient norm."""
     from dp_layers.explain import describe_layers
@@ -74,7 +63,7 @@ def engine_table(config: Config, spec: DatasetSpec) -> str:
     model = spec.build_model(config.model)
     rows = describe_layers(model, spec.image_shape, config.privacy.engine)
     lines = [f"{config.data.dataset} ({type(model).__name__}, norm {config.model.norm}), engine "
-             f"{config.privacy.engine}: {ENGINE_SUMMARIES[config.privacy.engine]}", "",
+             f"{config.privacy.engine}: {ENGINES[config.privacy.engine].summary}", "",
              "| layer | type | input | parameters | per-sample gradient norm |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['layer']} | {r['type']} | {r['input']} | {r['parameters']} | {r['method']} |" for r in rows]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from dp_layers.bk import BookKeepingGradSampleModule, BookKeepingLoss, Unsupport
 from dp_layers.norm_rules import OPACUS_NORM_SAMPLERS
 from src.accounting import PrivacyPlan, quiet_accounting
 from src.config import Config
+from src.engines import ENGINES
 from src.data import collate_batch
 from src.errors import UserError
 
@@ -154,7 +155,7 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
 def _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generator) -> Training:
     """hooks, functorch, ghost and mixed-ghost: ``PrivacyEngine.make_private`` with Opacus's modes."""
     engine_name = config.privacy.engine
-    mode = "ghost" if engine_name == "mixed-ghost" else engine_name
+    mode = ENGINES[engine_name].opacus_mode
     wrapped = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
         noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip, poisson_sampling=False,

@@ -18,10 +18,10 @@ from src import cifar10, mnist
 from src.config import ModelConfig, build_config
 from src.data import ImageTensorDataset
 from src.accounting import plan_privacy
+from src.engines import PRIVATE_ENGINES  # every private engine in the registry
 from src.privacy import attach
 
 NORMS = ["none", "group", "layer", "instance", "bn-public"]
-PRIVATE_ENGINES = ["hooks", "functorch", "ghost", "mixed-ghost", "bk"]
 MODELS = {"mnist": (mnist.DATASET, (1, 28, 28), 5), "cifar10": (cifar10.DATASET, (3, 32, 32), 3)}
 
 
