@@ -24,9 +24,7 @@ def main(argv=None) -> int:
     try:
         from src.datasets import get_dataset, validate_for_dataset
 
-        if actions["resume"]:
-            if actions["dry_run"] or actions["explain_engine"] or actions["eval_only"]:
-                raise UserError("--resume cannot be combined with --dry-run, --explain-engine or --eval-only")
+        if actions["resume"]:  # the modes are exclusive in the parser (src.cli)
             from src.resume import resume_config
             from src.train import exit_code_for, run
 
@@ -36,8 +34,6 @@ def main(argv=None) -> int:
         config = build_config(flags, spec.defaults)
         validate_for_dataset(config, spec)
         if actions["eval_only"]:
-            if actions["dry_run"] or actions["explain_engine"]:
-                raise UserError("--eval-only cannot be combined with --dry-run or --explain-engine")
             from src.eval_only import run_eval_only
 
             return 0 if run_eval_only(config, spec, actions["eval_only"])["status"] == "finished" else 1

@@ -16,6 +16,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad flag is reported in one line (exit 2) instead of usage plus error."""
 
     def error(self, message: str):
+        # Modes are one mutually exclusive group; say so in the words the rest of the tool uses.
+        message = message.replace(": not allowed with argument ", " cannot be combined with ")
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -106,10 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     from src.datasets import DATASETS  # the registry: a new dataset module is a new choice
 
     parser.add_argument("--dataset", choices=tuple(DATASETS), help="required, except with --resume")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the privacy plan as one JSON object and exit, without loading data")
-    parser.add_argument("--explain-engine", action="store_true",
-                        help="print how the engine computes each layer's per-sample gradient norms and exit")
+    # What vision.py does: train (the default), or one of these modes; argparse keeps them exclusive.
+    modes = parser.add_argument_group("modes (training is the default; at most one of these)")
+    mode = modes.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="print the privacy plan as one JSON object and exit, without loading data")
+    mode.add_argument("--explain-engine", action="store_true",
+                      help="print how the engine computes each layer's per-sample gradient norms and exit")
+    mode.add_argument("--resume", metavar="RUN_DIR",
+                      help="continue a killed, failed or interrupted run from its last checkpoint, with its own "
+                           "config.json (only --data-root, --device and --wandb may be given again)")
+    mode.add_argument("--eval-only", metavar="RUN_DIR",
+                      help="evaluate a finished run's model.pt (clean and robust) into a new run directory; "
+                           "trains nothing")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-root", default=None,
@@ -152,9 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default 1: before every step, as the weights change)")
     train.add_argument("--checkpoint-every", type=_integer, metavar="STEPS",
                        help="also checkpoint every STEPS optimizer steps (every epoch end always is)")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue a killed, failed or interrupted run from its last checkpoint, with its own "
-                            "config.json (only --data-root, --device and --wandb may be given again)")
 
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument("--engine", choices=ENGINES,
@@ -201,9 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "to expose gradient masking")
     robust.add_argument("--transfer-from", metavar="RUN_DIR",
                         help="also attack with adversarial examples crafted on this run's model (e.g. non-private)")
-    robust.add_argument("--eval-only", metavar="RUN_DIR",
-                        help="evaluate a finished run's model.pt (clean and robust) into a new run directory; "
-                             "trains nothing")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", help=f"folder for run directories (default {GLOBAL_DEFAULTS['out']})")

@@ -41,3 +41,14 @@ def test_help_shows_every_default_readably():
 def test_readable_values():
     assert readable(8 / 255) == "8/255" and readable(0.03) == "0.03" and readable(1e-5) == "1e-05"
     assert readable(True) == "on" and readable({"study": 0.03, "literature": 8 / 255}) == "study 0.03, literature 8/255"
+
+
+MODES = {"--dry-run": [], "--explain-engine": [], "--resume": ["RUN"], "--eval-only": ["RUN"]}
+
+
+@pytest.mark.parametrize("first,second", [(a, b) for a in MODES for b in MODES if a < b])
+def test_modes_are_exclusive_in_the_parser(first, second, capsys):
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["--dataset", "mnist", first, *MODES[first], second, *MODES[second]])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2 and len(err.splitlines()) == 1 and "cannot be combined with" in err
