@@ -133,32 +133,44 @@ def require_finite_weights(model: torch.nn.Module) -> None:
                                           "--lr or --clip (the last checkpoint is kept)")
 
 
-def train_epoch(training: Training, *, physical_batch_size: int, device: torch.device, epoch: int,
-                epochs: int, steps_per_epoch: int, first_step: int,
-                refresh_public: Optional[Callable[[], None]] = None, refresh_every: int = 1,
-                adversarial: Optional[AdversarialBatches] = None, progress: Optional[EpochProgress] = None,
-                sampling_state: Optional[torch.Tensor] = None, step_limit: Optional[int] = None,
-                after_step: Optional[Callable[[EpochProgress], None]] = None,
-                with_stats: bool = False) -> EpochProgress:
+@dataclass
+class EpochSpec:
+    """One epoch's place in a run: its number, the steps taken before it, where the privacy budget stops
+    it, and for a resumed epoch its progress so far and the sampling generator's state at that point."""
+
+    epoch: int
+    first_step: int = 0
+    step_limit: Optional[int] = None
+    resumed: Optional[EpochProgress] = None
+    sampling_state: Optional[torch.Tensor] = None
+
+
+def train_epoch(run: PreparedRun, spec: EpochSpec,
+                after_step: Optional[Callable[[EpochProgress], None]] = None) -> EpochProgress:
     """One pass of Poisson-sampled logical batches, split into physical batches by BatchMemoryManager.
 
-    ``first_step`` counts the steps taken before this epoch. ``refresh_public`` (bn-public models)
-    recomputes the public BatchNorm statistics before the first physical batch of every
-    ``refresh_every``-th logical batch, so each step normalizes with statistics of the current weights.
-    A resumed epoch passes its ``progress`` so far and the sampling generator's state at that point; the
-    epoch then draws only its remaining batches. The epoch ends early, before step ``step_limit + 1``
-    (the privacy budget), and ``after_step`` is called after every step (mid-epoch checkpoints).
-    ``with_stats`` sums the private batches' loss and accuracy (``--unprotected-train-stats``).
+    bn-public models (``run.refresh_public``) recompute the public BatchNorm statistics before the first
+    physical batch of every ``--public-refresh-every``-th logical batch, so each step normalizes with
+    statistics of the current weights. A resumed epoch draws only its remaining batches. The epoch ends
+    early, before step ``spec.step_limit + 1`` (the privacy budget), and ``after_step`` is called after every
+    step (mid-epoch checkpoints). With ``--unprotected-train-stats`` it sums the private batches' loss and
+    accuracy.
     """
+    config, training, device = run.config, run.training, run.device
+    epoch, first_step, step_limit = spec.epoch, spec.first_step, spec.step_limit
+    steps_per_epoch, refresh_public = run.plan.steps_per_epoch, run.refresh_public
+    refresh_every, adversarial = config.train.public_refresh_every, run.adversarial
+    with_stats = config.output.unprotected_train_stats
+    progress, sampling_state = spec.resumed, spec.sampling_state
     training.model.train()
     progress = progress or EpochProgress()
     starts_logical_batch = True
-    bar = tqdm(total=steps_per_epoch, initial=progress.steps, desc=f"epoch {epoch}/{epochs}", unit="step",
+    bar = tqdm(total=steps_per_epoch, initial=progress.steps, desc=f"epoch {epoch}/{config.train.epochs}", unit="step",
                leave=False, dynamic_ncols=True, disable=None, file=sys.stderr)
     # torch notes that the first layer's full backward hook sees no input gradient (inputs are data):
     # expected under Opacus's hooks, and only noise in the output.
     with warnings.catch_warnings(), bar, BatchMemoryManager(
-            data_loader=training.train_loader, max_physical_batch_size=physical_batch_size,
+            data_loader=training.train_loader, max_physical_batch_size=config.train.physical_batch_size,
             optimizer=training.optimizer) as physical_batches, resumed_sampling(
             training.train_loader.batch_sampler, steps_per_epoch - progress.steps, sampling_state) as started:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -213,21 +225,28 @@ def _describe(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> str:
 
 
 @dataclass
-class RunSession:
-    """One run's moving parts, so the epoch loop, checkpoints and resume share them."""
+class PreparedRun:
+    """A run ready to train: its config, data, privacy plan, seeds and the engine around the model (what
+    ``_prepare`` builds, everything that can be refused before a file is written)."""
 
     config: Config
-    plan: PrivacyPlan
-    data: object
     device: torch.device
+    data: object
+    plan: PrivacyPlan
     seeds: Seeds
     training: Training
-    generators: dict  # name -> torch.Generator whose state a checkpoint keeps (sampling, noise, attack)
-    refresh_public: Optional[Callable[[], None]]
+    generators: dict
     adversarial: Optional[AdversarialBatches]
-    run_dir: RunDirectory
-    summary: dict
-    data_identity: dict  # n and fingerprints of the private and public sets: checkpoint only (secret)
+    refresh_public: Optional[Callable[[], None]]
+
+
+@dataclass
+class RunSession(PreparedRun):
+    """A prepared run in its run directory, so the epoch loop, checkpoints and resume share one object."""
+
+    run_dir: Optional[RunDirectory] = None
+    summary: dict = dataclasses.field(default_factory=dict)
+    data_identity: dict = dataclasses.field(default_factory=dict)  # n and fingerprints of the private and public sets: checkpoint only (secret)
     step_limit: Optional[int] = None  # --max-epsilon: stop before this step (from the accountant's history)
     tracker: Optional[WandbRun] = None
 
@@ -240,21 +259,7 @@ class RunSession:
             data_identity=self.data_identity))
 
 
-@dataclass
-class Prepared:
-    """What ``_prepare`` builds for a run."""
-
-    device: torch.device
-    data: object
-    plan: PrivacyPlan
-    seeds: Seeds
-    training: Training
-    generators: dict
-    adversarial: Optional[AdversarialBatches]
-    refresh_public: Optional[Callable[[], None]]
-
-
-def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -> Prepared:
+def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -> PreparedRun:
     """Data, privacy plan, model and engine: everything that can be refused, before any file is written.
     ``seeds`` (a resumed run's, from its checkpoint) default to new ones from ``--seed`` or the OS."""
     device = resolve_device(config.train.device)
@@ -285,7 +290,7 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
     if robust.robust:
         generators["attack"] = torch.Generator(device=device).manual_seed(seeds.attack)
         adversarial = AdversarialBatches(robust.train_attack(), robust.adv_ratio, generators["attack"])
-    return Prepared(device=device, data=data, plan=plan, seeds=seeds, training=training, generators=generators,
+    return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training, generators=generators,
                     adversarial=adversarial, refresh_public=refresh_public)
 
 
@@ -350,9 +355,7 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> dict:
         summary = _new_summary(config, plan, run_dir)
         previous_seconds = 0.0
     run_dir.write_summary(summary)
-    session = RunSession(config=config, plan=plan, data=data, device=device, seeds=seeds, training=training,
-                         generators=generators, refresh_public=prepared.refresh_public,
-                         adversarial=prepared.adversarial, run_dir=run_dir, summary=summary, data_identity=identity,
+    session = RunSession(**vars(prepared), run_dir=run_dir, summary=summary, data_identity=identity,
                          step_limit=budget_step_limit(plan, training.history(), position.step))
     session.tracker = WandbRun.start(
         mode=config.output.wandb, project=config.output.wandb_project, group=config.output.wandb_group,
@@ -426,13 +429,9 @@ def _train_epochs(session: RunSession, position: Position, sampling_state, start
                 session.save_checkpoint(Position(epoch=epoch - 1, step=first_step + progress.steps,
                                                  partial=progress))
 
-        progress = train_epoch(training, physical_batch_size=config.train.physical_batch_size,
-                               device=session.device, epoch=epoch, epochs=config.train.epochs,
-                               steps_per_epoch=plan.steps_per_epoch, first_step=first_step,
-                               refresh_public=session.refresh_public, refresh_every=config.train.public_refresh_every,
-                               adversarial=session.adversarial, progress=resumed,
-                               sampling_state=sampling_state if resumed else None, step_limit=session.step_limit,
-                               after_step=after_step, with_stats=config.output.unprotected_train_stats)
+        progress = train_epoch(session, EpochSpec(epoch=epoch, first_step=first_step, step_limit=session.step_limit,
+                                                  resumed=resumed, sampling_state=sampling_state if resumed else None),
+                               after_step=after_step)
         step = first_step + progress.steps
         require_finite_weights(training.base_model)  # before evaluating and saving this epoch
         if session.refresh_public is not None:

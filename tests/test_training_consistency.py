@@ -14,7 +14,7 @@ from src.config import build_config
 from src.datasets import get_dataset
 from src.accounting import plan_privacy
 from src.privacy import attach
-from src.train import derive_seeds, train_epoch
+from src.train import EpochSpec, PreparedRun, derive_seeds, train_epoch
 
 SPEC = get_dataset("mnist")
 
@@ -49,8 +49,9 @@ def train_one_epoch(tiny_root, noise_override=None, **flags):
     noise_generator = torch.Generator().manual_seed(seeds.noise) if plan.private else None
     training = attach(model, data.train, config, plan, sampling_generator=torch.Generator().manual_seed(seeds.sampling),
                       noise_generator=noise_generator)
-    stats = train_epoch(training, physical_batch_size=config.train.physical_batch_size, device=torch.device("cpu"),
-                        epoch=1, epochs=1, steps_per_epoch=plan.steps_per_epoch, first_step=0)
+    run = PreparedRun(config=config, device=torch.device("cpu"), data=data, plan=plan, seeds=seeds,
+                      training=training, generators={}, adversarial=None, refresh_public=None)
+    stats = train_epoch(run, EpochSpec(epoch=1))
     assert stats.steps == plan.steps_per_epoch
     final = {k: v.detach().clone() for k, v in training.base_model.state_dict().items()}
     return initial, seen, final
