@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from src.accounting import epsilon_from_history
 from tests.conftest import run_cli
 
