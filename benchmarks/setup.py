@@ -27,7 +27,7 @@ def bench_training(model_name: str, norm: str, batch: int, engine: str, *, image
     from src.data import ImageTensorDataset, PublicData
     from src.datasets import get_dataset
     from src.privacy import attach
-    from src.train import public_refresher
+    from src.loop import public_refresher
 
     spec = get_dataset(MODELS[model_name])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,8 @@ from src.data import DatasetSpec
 from src.errors import UserError
 from src.run_directory import RunDirectory
 from src.tracking import WandbRun, check_wandb_mode, git_commit, recording_outcome
-from src.train import derive_seeds, evaluate, exit_code_for, load_run_model, resolve_device, run_masking_checks
+from src.loop import evaluate
+from src.train import derive_seeds, exit_code_for, load_run_model, resolve_device, run_masking_checks
 from attacks.robust_eval import robust_accuracy
 
 

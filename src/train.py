@@ -1,37 +1,36 @@
-"""One training loop for both datasets and every engine: Poisson batches, DP step, evaluation, logging."""
+"""The run lifecycle: prepare (data, plan, seeds, engine: everything refusable before a file is written),
+create or resume the run directory, the epoch loop with evaluation, checkpoints before releases, and the
+outcome. The loop itself is ``src.loop``; what is printed is ``src.report``."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import secrets
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tqdm import tqdm
 
 from attacks.adversarial import AdversarialBatches
 from attacks.robust_eval import masking_checks, robust_accuracy
-from dp_layers import has_public_batchnorm, refresh_public_statistics
-from src import datasets as dataset_registry
-from src.config import Config, ModelConfig
-from src.data import DatasetSpec, PublicData
-from src.errors import TrainingStopped, UserError
-from src.accounting import (PrivacyPlan, budget_step_limit, epsilon_after_next_step, epsilon_by_accountant, epsilon_from_history,
-                            gdp_approximation, plan_privacy)
 from src import checkpoint
-from src.checkpoint import EpochProgress, Position, resumed_sampling
-from src.privacy import Training, attach, check_engine_supports
+from src import datasets as dataset_registry
+from src.accounting import (PrivacyPlan, budget_step_limit, epsilon_after_next_step, epsilon_by_accountant,
+                            epsilon_from_history, gdp_approximation, plan_privacy)
 from src.atomic_files import json_safe
+from src.checkpoint import EpochProgress, Position
+from src.config import Config, ModelConfig
+from src.data import DatasetSpec
+from src.errors import TrainingStopped, UserError
+from src.loop import EpochSpec, evaluate, public_refresher, require_finite_weights, train_epoch
+from src.privacy import Training, attach, check_engine_supports
+from src.report import announce, epoch_line, report_outcome
 from src.run_directory import RunDirectory
 from src.tracking import WandbRun, check_wandb_mode, git_commit, new_run_id, recording_outcome
 
@@ -60,168 +59,12 @@ def derive_seeds(seed: Optional[int]) -> Seeds:
     return Seeds(*streams)
 
 
-SEED_NOTE = ("note: --seed makes the noise and the batches replayable; the privacy guarantee assumes the seed "
-             "stays as secret as the data (leave --seed out to draw them from the OS)")
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
     return torch.device(name)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, *, batch_size: int, device: torch.device) -> tuple:
-    """(mean cross-entropy, accuracy in %) over ``dataset`` in eval mode; restores the previous mode."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    try:
-        for images, labels in dataset.batches(batch_size):
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(dim=1) == labels).sum().item()
-    finally:
-        model.train(was_training)
-    return total_loss / len(dataset), 100.0 * correct / len(dataset)
-
-
-@dataclass
-class BatchStats:
-    """Summed loss and correct count of one physical batch on the private inputs trained on: released
-    only with ``--unprotected-train-stats`` (epsilon does not cover them: one example's loss is unbounded)."""
-
-    loss_sum: float
-    correct: int
-
-
-def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tensor,
-                   adversarial: Optional[AdversarialBatches] = None, *,
-                   with_stats: bool = False) -> Optional[BatchStats]:
-    """Forward/backward on one physical batch and ``optimizer.step()`` (a real step only at the end of a
-    logical batch). With ``adversarial`` (robust training) the batch is first attacked against the current
-    weights. With ``with_stats`` it returns the batch's loss and correct count (else None: nothing about
-    the private batch is read outside the DP mechanism, not even to decide to stop).
-    """
-    if adversarial is not None:
-        images = adversarial(training.model, images, labels)
-    training.optimizer.zero_grad()
-    logits = training.model(images)
-    stats = None
-    if with_stats:
-        stats = BatchStats(F.cross_entropy(logits.detach(), labels, reduction="sum").item() if len(labels) else 0.0,
-                           (logits.detach().argmax(dim=1) == labels).sum().item())
-    training.criterion(logits, labels).backward()
-    training.optimizer.step()
-    return stats
-
-
-def require_finite_weights(model: torch.nn.Module) -> None:
-    """Stop as diverged if a step left NaN or infinite weights.
-
-    Checked after every optimizer step and before anything is saved: the weights are the DP output, so
-    this stop is post-processing and spends no privacy, unlike a stop on the private batch's loss. One sum
-    per tensor and one device sync (any NaN or inf makes the total non-finite): 10 ms for ResNet-18 on one
-    CPU thread, where an element-wise isfinite took 100 ms."""
-    with torch.no_grad():
-        total = torch.stack([p.sum() for p in model.parameters()]).sum()
-    if not bool(torch.isfinite(total)):
-        raise TrainingStopped("diverged", "a step made the weights non-finite (infinite or NaN gradients); lower "
-                                          "--lr or --clip (the last checkpoint is kept)")
-
-
-@dataclass
-class EpochSpec:
-    """One epoch's place in a run: its number, the steps taken before it, where the privacy budget stops
-    it, and for a resumed epoch its progress so far and the sampling generator's state at that point."""
-
-    epoch: int
-    first_step: int = 0
-    step_limit: Optional[int] = None
-    resumed: Optional[EpochProgress] = None
-    sampling_state: Optional[torch.Tensor] = None
-
-
-def train_epoch(run: PreparedRun, spec: EpochSpec,
-                after_step: Optional[Callable[[EpochProgress], None]] = None) -> EpochProgress:
-    """One pass of Poisson-sampled logical batches, split into physical batches by BatchMemoryManager.
-
-    bn-public models (``run.refresh_public``) recompute the public BatchNorm statistics before the first
-    physical batch of every ``--public-refresh-every``-th logical batch, so each step normalizes with
-    statistics of the current weights. A resumed epoch draws only its remaining batches. The epoch ends
-    early, before step ``spec.step_limit + 1`` (the privacy budget), and ``after_step`` is called after every
-    step (mid-epoch checkpoints). With ``--unprotected-train-stats`` it sums the private batches' loss and
-    accuracy.
-    """
-    config, training, device = run.config, run.training, run.device
-    epoch, first_step, step_limit = spec.epoch, spec.first_step, spec.step_limit
-    steps_per_epoch, refresh_public = run.plan.steps_per_epoch, run.refresh_public
-    refresh_every, adversarial = config.train.public_refresh_every, run.adversarial
-    with_stats = config.output.unprotected_train_stats
-    progress, sampling_state = spec.resumed, spec.sampling_state
-    training.model.train()
-    progress = progress or EpochProgress()
-    starts_logical_batch = True
-    bar = tqdm(total=steps_per_epoch, initial=progress.steps, desc=f"epoch {epoch}/{config.train.epochs}", unit="step",
-               leave=False, dynamic_ncols=True, disable=None, file=sys.stderr)
-    # torch notes that the first layer's full backward hook sees no input gradient (inputs are data):
-    # expected under Opacus's hooks, and only noise in the output.
-    with warnings.catch_warnings(), bar, BatchMemoryManager(
-            data_loader=training.train_loader, max_physical_batch_size=config.train.physical_batch_size,
-            optimizer=training.optimizer) as physical_batches, resumed_sampling(
-            training.train_loader.batch_sampler, steps_per_epoch - progress.steps, sampling_state) as started:
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        batches = iter(physical_batches)
-        started()
-        for images, labels in batches:
-            step = first_step + progress.steps  # steps taken before this batch's
-            if starts_logical_batch and step_limit is not None and step >= step_limit:
-                break
-            if refresh_public is not None and starts_logical_batch and step % refresh_every == 0:
-                refresh_public()
-            stats = _physical_step(training, images.to(device), labels.to(device), adversarial, with_stats=with_stats)
-            if stats is not None:
-                progress.loss_sum += stats.loss_sum
-                progress.correct += stats.correct
-                progress.examples += len(labels)
-            starts_logical_batch = training.took_step()
-            if starts_logical_batch:
-                try:
-                    require_finite_weights(training.base_model)
-                except TrainingStopped as stop:
-                    raise TrainingStopped(stop.status, f"step {step + 1} (epoch {epoch}): {stop.reason}") from None
-                progress.steps += 1
-                bar.update(1)
-                if stats is not None:
-                    bar.set_postfix(loss_unprotected=f"{progress.loss:.3f}", acc_unprotected=f"{progress.accuracy:.1f}%",
-                                    refresh=False)
-                if after_step is not None:
-                    after_step(progress)
-    return progress
-
-
-def public_refresher(model: torch.nn.Module, public: Optional[PublicData],
-                     device: torch.device) -> Optional[Callable[[], None]]:
-    """For bn-public models: a call that recomputes the public BatchNorm statistics for the current weights
-    of ``model`` (the plain model, not an Opacus wrapper)."""
-    if not has_public_batchnorm(model):
-        return None
-    public_images = public.images.float().div(255).to(device)
-    return functools.partial(refresh_public_statistics, model, public_images)
-
-
-def _describe(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> str:
-    privacy = "non-private (no clipping, no noise)"
-    if plan.private:
-        how = f"calibrated for epsilon {config.privacy.target_epsilon:g}" if plan.noise_calibrated else "given"
-        privacy = (f"noise {plan.noise_multiplier:.4g} ({how}), clip {config.privacy.clip:g}, "
-                   f"{config.privacy.accountant} accountant, delta {plan.delta:g}")
-    return (f"run {run_dir.path}: {config.data.dataset}, norm {config.model.norm}, act {config.model.act}, "
-            f"engine {config.privacy.engine}; n={plan.n_train}, batch {plan.batch_size} (q={plan.sample_rate:.5f}), "
-            f"{plan.epochs} epoch(s) x {plan.steps_per_epoch} steps; {privacy}")
 
 
 @dataclass
@@ -365,7 +208,7 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> dict:
               f"noise:{plan.noise_multiplier}", f"robust:{robust.robust}"] + (["resumed"] if resume else []))
     summary["wandb"] = session.tracker.directory or session.tracker.error
     summary["budget_steps"] = session.step_limit if plan.max_epsilon is not None else None
-    _announce(config, plan, run_dir, position, session.step_limit)
+    announce(config, plan, run_dir, position, session.step_limit)
 
     try:
         with recording_outcome(summary):
@@ -385,30 +228,8 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> dict:
         except OSError as error:
             log.error("%s", error)
         session.tracker.finish(summary, exit_code=exit_code_for(summary))
-    _report_outcome(summary, config, plan, run_dir)
+    report_outcome(summary, config, plan, run_dir)
     return summary
-
-
-def _announce(config: Config, plan: PrivacyPlan, run_dir: RunDirectory, position: Position,
-              step_limit: Optional[int]) -> None:
-    print(_describe(config, plan, run_dir), flush=True)
-    if plan.private and config.train.seed is not None and not config.privacy.secure_rng:
-        print(SEED_NOTE, flush=True)
-    if config.output.unprotected_train_stats:
-        print("note: --unprotected-train-stats releases loss and accuracy on the private batches "
-              "(train_*_unprotected): they are NOT covered by epsilon", flush=True)
-    if position.step:
-        print(f"resuming after step {position.step} (epoch {position.epoch + 1}"
-              f"{', mid-epoch' if position.partial else ''}) from {run_dir.checkpoint_path}",
-              flush=True)
-    if step_limit is not None and step_limit < plan.steps:
-        print(f"budget: --max-epsilon {plan.max_epsilon:g} allows {step_limit} of the {plan.steps} steps; "
-              "the run will stop there", flush=True)
-    robust = config.robust
-    if robust.robust:
-        print(f"robust training: {robust.train_attack().describe()} on {100 * robust.adv_ratio:g}% of each batch; "
-              f"robust accuracy: {robust.eval_attack().describe()} on {robust.eval_robust_size} test images",
-              flush=True)
 
 
 def _train_epochs(session: RunSession, position: Position, sampling_state, started: float,
@@ -468,7 +289,7 @@ def _train_epochs(session: RunSession, position: Position, sampling_state, start
         run_dir.save_model(training.base_model.state_dict())
         session.tracker.log(row, step=step)
         run_dir.write_summary(summary)
-        tqdm.write(_epoch_line(config, plan, row), file=sys.stdout)
+        tqdm.write(epoch_line(config, plan, row), file=sys.stdout)
         if not math.isfinite(test_loss):
             raise TrainingStopped("diverged", f"test loss became {test_loss} after epoch {epoch}; lower --lr")
         if budget_hit:
@@ -476,33 +297,6 @@ def _train_epochs(session: RunSession, position: Position, sampling_state, start
                 f"--max-epsilon {plan.max_epsilon:g} reached: stopped after step {step} of {plan.steps} at epsilon "
                 f"{epsilon:.4g} ({plan.accountant}); step {step + 1} would spend "
                 f"{epsilon_after_next_step(plan, training.history()):.4g}"))
-
-
-def _epoch_line(config: Config, plan: PrivacyPlan, row: dict) -> str:
-    eps_text = f"eps {row['epsilon']:.3f} ({config.privacy.accountant})" if plan.private else "non-private"
-    parts = [f"epoch {row['epoch']}/{config.train.epochs}"]
-    if "train_loss_unprotected" in row:
-        parts.append(f"UNPROTECTED train loss {row['train_loss_unprotected']:.4f} acc {row['train_acc_unprotected']:.2f}%")
-    if "val_acc" in row:
-        parts.append(f"val {row['val_acc']:.2f}%")
-    parts.append(f"test {row['test_acc']:.2f}%")
-    if row["robust_acc"] is not None:
-        parts.append(f"robust {row['robust_acc']:.2f}%")
-    return "  ".join(parts + [eps_text, f"{row['seconds']:.1f}s"])
-
-
-def _report_outcome(summary: dict, config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> None:
-    if summary["status"] not in ("finished", "budget-exhausted"):
-        return
-    by_acc = dict(summary["epsilon_by_accountant"] or {})
-    extra = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in by_acc.items())
-    if summary.get("epsilon_gdp_approximation") is not None:
-        extra += f"; gdp approximation {summary['epsilon_gdp_approximation']:.3f}, not a guarantee"
-    robust_text = (f", robust accuracy {summary['robust_acc']:.2f}% ({config.robust.eval_attack().describe()})"
-                   if summary["robust_acc"] is not None else "")
-    print(f"{summary['status']}: test accuracy {summary['test_acc']:.2f}%{robust_text}"
-          + (f", epsilon {summary['epsilon']:.3f} at delta {plan.delta:g} ({extra})" if plan.private else "")
-          + f"; {run_dir.path}", flush=True)
 
 
 def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device) -> torch.nn.Module:

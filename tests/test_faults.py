@@ -237,11 +237,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_root, tm
     """After the first checkpoint, every training image turns NaN: the step after makes the weights NaN,
     the run stops there as diverged (a check of the weights, not of the private loss), and checkpoint.pt
     and model.pt stay those of epoch 1."""
-    import src.train as train
+    import src.loop as loop
 
-    saved, real_save, real_step = [], checkpoint.save, train._physical_step
+    saved, real_save, real_step = [], checkpoint.save, loop._physical_step
     monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (saved.append(1), real_save(*a, **k)))
-    monkeypatch.setattr(train, "_physical_step", lambda training, images, labels, adversarial=None, **kw: real_step(
+    monkeypatch.setattr(loop, "_physical_step", lambda training, images, labels, adversarial=None, **kw: real_step(
         training, images * float("nan") if saved else images, labels, adversarial, **kw))
     code = _invoke(_two_epochs(tiny_root, tmp_path, "nan"))
     line = _one_error_line(capsys.readouterr().err)

@@ -18,14 +18,14 @@ from tests.conftest import REPO, run_cli
 KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import src.train as train
-original, calls = train._physical_step, [0]
+import src.loop as loop
+original, calls = loop._physical_step, [0]
 def physical_step(*args, **kwargs):
     calls[0] += 1
     if calls[0] == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
-train._physical_step = physical_step
+loop._physical_step = physical_step
 import vision
 sys.exit(vision.main(sys.argv[1:]))
 """

@@ -14,7 +14,8 @@ from src.config import build_config
 from src.datasets import get_dataset
 from src.accounting import plan_privacy
 from src.privacy import attach
-from src.train import EpochSpec, PreparedRun, derive_seeds, train_epoch
+from src.loop import EpochSpec, train_epoch
+from src.train import PreparedRun, derive_seeds
 
 SPEC = get_dataset("mnist")
 
