@@ -1,4 +1,5 @@
-"""BatchNorm whose statistics come from public data only (Davody et al. 2020; the CS523 study of DP and robust training with BatchNorm).
+"""BatchNorm whose statistics come from public data only (Davody et al. 2020; the CS523 study of DP and
+robust training with BatchNorm).
 
 A private example is normalized with the mean and variance that the *public* batch has at that layer, so
 its output and per-sample gradient depend only on itself, the weights and the public data: per-sample

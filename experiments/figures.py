@@ -6,8 +6,8 @@
 1. test accuracy vs epsilon, one panel per noise multiplier, hue = normalization, style = robust training,
    mean and standard deviation over seeds (one point per epoch): the CS523 study's Figures 1-2;
 2. the same for robust accuracy (runs that measured it);
-3. validation/test accuracy and loss and epsilon per epoch for one run (the plots of the JAX DP-SGD MNIST example; statistics of the
-   private training batches are not drawn, since epsilon does not cover them);
+3. validation/test accuracy and loss and epsilon per epoch for one run (the plots of the JAX DP-SGD MNIST
+   example; statistics of the private training batches are not drawn, since epsilon does not cover them);
 4. the engine benchmark: time and memory ratios against non-private training.
 """
 from __future__ import annotations

@@ -111,12 +111,10 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
     """
     config, training, device = run.config, run.training, run.device
     epoch, first_step, step_limit = spec.epoch, spec.first_step, spec.step_limit
-    steps_per_epoch, refresh_public = run.plan.steps_per_epoch, run.refresh_public
-    refresh_every, adversarial = config.train.public_refresh_every, run.adversarial
+    steps_per_epoch, refresh_every = run.plan.steps_per_epoch, config.train.public_refresh_every
     with_stats = config.output.unprotected_train_stats
-    progress, sampling_state = spec.resumed, spec.sampling_state
     training.model.train()
-    progress = progress or EpochProgress()
+    progress = spec.resumed or EpochProgress()
     starts_logical_batch = True
     bar = tqdm(total=steps_per_epoch, initial=progress.steps, desc=f"epoch {epoch}/{config.train.epochs}", unit="step",
                leave=False, dynamic_ncols=True, disable=None, file=sys.stderr)
@@ -125,7 +123,7 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
     with warnings.catch_warnings(), bar, BatchMemoryManager(
             data_loader=training.train_loader, max_physical_batch_size=config.train.physical_batch_size,
             optimizer=training.optimizer) as physical_batches, resumed_sampling(
-            training.train_loader.batch_sampler, steps_per_epoch - progress.steps, sampling_state) as started:
+            training.train_loader.batch_sampler, steps_per_epoch - progress.steps, spec.sampling_state) as started:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         batches = iter(physical_batches)
         started()
@@ -133,9 +131,10 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
             step = first_step + progress.steps  # steps taken before this batch's
             if starts_logical_batch and step_limit is not None and step >= step_limit:
                 break
-            if refresh_public is not None and starts_logical_batch and step % refresh_every == 0:
-                refresh_public()
-            stats = _physical_step(training, images.to(device), labels.to(device), adversarial, with_stats=with_stats)
+            if run.refresh_public is not None and starts_logical_batch and step % refresh_every == 0:
+                run.refresh_public()
+            stats = _physical_step(training, images.to(device), labels.to(device), run.adversarial,
+                                   with_stats=with_stats)
             if stats is not None:
                 progress.loss_sum += stats.loss_sum
                 progress.correct += stats.correct
@@ -149,8 +148,8 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
                 progress.steps += 1
                 bar.update(1)
                 if stats is not None:
-                    bar.set_postfix(loss_unprotected=f"{progress.loss:.3f}", acc_unprotected=f"{progress.accuracy:.1f}%",
-                                    refresh=False)
+                    bar.set_postfix(loss_unprotected=f"{progress.loss:.3f}",
+                                    acc_unprotected=f"{progress.accuracy:.1f}%", refresh=False)
                 if after_step is not None:
                     after_step(progress)
     return progress

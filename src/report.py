@@ -52,7 +52,8 @@ def epoch_line(config: Config, plan: PrivacyPlan, row: dict) -> str:
     eps_text = f"eps {row['epsilon']:.3f} ({config.privacy.accountant})" if plan.private else "non-private"
     parts = [f"epoch {row['epoch']}/{config.train.epochs}"]
     if "train_loss_unprotected" in row:
-        parts.append(f"UNPROTECTED train loss {row['train_loss_unprotected']:.4f} acc {row['train_acc_unprotected']:.2f}%")
+        parts.append(f"UNPROTECTED train loss {row['train_loss_unprotected']:.4f} "
+                     f"acc {row['train_acc_unprotected']:.2f}%")
     if "val_acc" in row:
         parts.append(f"val {row['val_acc']:.2f}%")
     parts.append(f"test {row['test_acc']:.2f}%")

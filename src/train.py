@@ -89,7 +89,8 @@ class RunSession(PreparedRun):
 
     run_dir: Optional[RunDirectory] = None
     summary: dict = dataclasses.field(default_factory=dict)
-    data_identity: dict = dataclasses.field(default_factory=dict)  # n and fingerprints of the private and public sets: checkpoint only (secret)
+    # n and the fingerprints of the private, validation and public sets: kept in the checkpoint only (secret)
+    data_identity: dict = dataclasses.field(default_factory=dict)
     step_limit: Optional[int] = None  # --max-epsilon: stop before this step (from the accountant's history)
     tracker: Optional[WandbRun] = None
 
@@ -133,8 +134,8 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
     if robust.robust:
         generators["attack"] = torch.Generator(device=device).manual_seed(seeds.attack)
         adversarial = AdversarialBatches(robust.train_attack(), robust.adv_ratio, generators["attack"])
-    return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training, generators=generators,
-                    adversarial=adversarial, refresh_public=refresh_public)
+    return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training,
+                       generators=generators, adversarial=adversarial, refresh_public=refresh_public)
 
 
 def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> dict:
@@ -279,7 +280,8 @@ def _train_epochs(session: RunSession, position: Position, sampling_state, start
             row.update(val_loss=val_loss, val_acc=val_acc)
         if config.output.unprotected_train_stats:
             row.update(train_loss_unprotected=progress.loss, train_acc_unprotected=progress.accuracy)
-        summary.update({k: v for k, v in row.items() if k not in ("epoch", "step", "seconds", "train_seconds", "robust_acc")},
+        per_epoch_only = ("epoch", "step", "seconds", "train_seconds", "robust_acc")  # robust_acc: set when measured
+        summary.update({k: v for k, v in row.items() if k not in per_epoch_only},
                        epochs=epoch, steps=step, wall_seconds=previous_seconds + time.time() - started)
         # Checkpoint first, then release: a kill between the two resumes after this epoch instead of
         # redoing it with fresh noise (secure RNG, GPU), which would release two versions of one epoch.

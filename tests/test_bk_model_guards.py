@@ -113,40 +113,36 @@ def assert_untouched(model, before):
         assert getattr(p, "_norm_sample", None) is norm_sample, name
 
 
-# (a) a layer called twice in one forward pass
-def test_layer_called_twice_is_refused_before_any_gradient():
-    model, module = make("called-twice")
+def assert_refused_untouched(model, module, match: str) -> str:
+    """A step and a probe are both refused (``match``), leave the model as it was and no records behind;
+    returns the step's error message."""
     before = snapshot(model)
     images, labels = batch(4)
-    with pytest.raises(UnsupportedModelError, match=r"more than one layer call.*shared or tied") as refused:
+    with pytest.raises(UnsupportedModelError, match=match) as refused:
         step(module, images, labels)
-    assert "'fc'" in str(refused.value) and "fc.weight" in str(refused.value)
     assert isinstance(refused.value, ValueError)
     assert all(p.grad is None for p in model.parameters())
     assert_untouched(model, before)
     assert module._records == []
-
-    with pytest.raises(UnsupportedModelError, match="more than one layer call"):
+    with pytest.raises(UnsupportedModelError, match=match):
         module.probe(probe_example())
     assert_untouched(model, before)
     assert module._records == []
+    return str(refused.value)
+
+
+# (a) a layer called twice in one forward pass
+def test_layer_called_twice_is_refused_before_any_gradient():
+    model, module = make("called-twice")
+    message = assert_refused_untouched(model, module, r"more than one layer call.*shared or tied")
+    assert "'fc'" in message and "fc.weight" in message
 
 
 # (b) two layers with a tied weight
 def test_tied_weights_are_refused():
     model, module = make("tied")
-    before = snapshot(model)
-    images, labels = batch(4)
-    with pytest.raises(UnsupportedModelError, match=r"shared or tied weights.*--engine hooks or functorch") as refused:
-        step(module, images, labels)
-    message = str(refused.value)
+    message = assert_refused_untouched(model, module, r"shared or tied weights.*--engine hooks or functorch")
     assert "fc1.weight" in message and "fc2.weight" in message
-    assert all(p.grad is None for p in model.parameters())
-    assert_untouched(model, before)
-    with pytest.raises(UnsupportedModelError, match="shared or tied"):
-        module.probe(probe_example())
-    assert_untouched(model, before)
-    assert module._records == []
 
 
 # (c) a trainable submodule left in eval mode

@@ -20,7 +20,8 @@ def dry_run(capsys, *args) -> dict:
     return json.loads(lines[0])
 
 
-# tf-privacy's compute_dp_sgd_privacy, quoted in the Gaussian-DP tutorial (Bu et al., deep learning with Gaussian differential privacy):
+# tf-privacy's compute_dp_sgd_privacy, quoted in the Gaussian-DP tutorial (Bu et al., deep learning with
+# Gaussian differential privacy):
 # n=60000, batch 250, sigma 1.3, 15 epochs, delta 1e-5 -> eps 0.9422002181627345 (RDP), 0.823696 (GDP, Bu et al.).
 TF_PRIVACY_RDP = 0.9422002181627345
 GDP_TUTORIAL = 0.823696
