@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         if actions["eval_only"]:
             from src.eval_only import run_eval_only
 
-            return 0 if run_eval_only(config, spec, actions["eval_only"])["status"] == "finished" else 1
+            return 0 if run_eval_only(config, spec, actions["eval_only"]).status == "finished" else 1
         if actions["dry_run"]:
             from src.plan import dry_run_report
 

@@ -3,14 +3,19 @@
 Every kind offered here normalizes an example with statistics of that example alone (group, layer,
 instance) or of public data alone (bn-public), so per-example sensitivity stays bounded; BatchNorm on
 private batches is never offered.
+
+The registry ``NORM_KINDS`` is torch-free (``--norm``'s choices come from it while ``--help`` answers
+without torch); the layers are imported when one is made.
 """
 from __future__ import annotations
 
-from torch import nn
-
-from dp_layers.public_bn import PublicBatchNorm
-
-NORM_KINDS = ("none", "group", "layer", "instance", "bn-public")
+NORM_KINDS = {
+    "none": "no normalization",
+    "group": "GroupNorm, at most 32 groups of at least two channels (Wu & He 2018)",
+    "layer": "LayerNorm over (C, H, W): GroupNorm with one group",
+    "instance": "InstanceNorm with a per-channel affine",
+    "bn-public": "BatchNorm whose statistics come from the public set only",
+}
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -23,12 +28,16 @@ def group_count(channels: int, max_groups: int = 32) -> int:
     return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
-def make_norm(kind: str, channels: int) -> nn.Module:
+def make_norm(kind: str, channels: int):
     """A normalization layer for ``channels`` feature maps of one example.
 
     ``layer`` is GroupNorm with one group: LayerNorm over (C, H, W) with a per-channel affine, the form
     Wu & He (2018) use for convolutional nets, which also does not need the spatial size up front.
     """
+    from torch import nn
+
+    from dp_layers.public_bn import PublicBatchNorm
+
     if kind == "none":
         return nn.Identity()
     if kind == "group":

@@ -190,63 +190,60 @@ def run_audit(args) -> dict:
     clip = args.clip
     if args.broken == "no-clipping":  # the claimed noise, but no per-sample bound behind it
         noise, clip = noise * clip / UNCLIPPED, UNCLIPPED
-    flags = {"dataset": "mnist", "data_root": args.data_root, "train_subset": args.train_subset,
-             "test_subset": args.test_subset, "epochs": args.epochs, "batch_size": args.batch_size,
-             "optimizer": args.optimizer, "lr": args.lr, "momentum": _momentum(args), "clip": clip, "noise": noise,
-             "delta": args.delta, "engine": args.engine, "norm": args.norm, "seed": args.seed, "eval_robust_size": 0,
-             "out": args.out, "run_id": args.run_id,
-             "wandb": "disabled", "public_data": args.public_data, "public_size": args.public_size,
-             "download": False}
+    flags = {name: getattr(args, name) for name in AUDIT_DEFAULTS}
+    flags.update(dataset="mnist", momentum=_momentum(args), clip=clip, noise=noise, target_epsilon=None,
+                 eval_robust_size=0, wandb="disabled", download=False)
     if args.robust:
         flags.update(robust=True, attack="fgsm-rs")
+    else:
+        flags["robust"] = None
     config = build_config(flags, spec.defaults)
     drawn: dict = {}
     summary = run(config, with_canaries(spec, canaries, drawn))
-    if summary["status"] != "finished":
-        raise UserError(f"the audited run did not finish: {summary['status']} ({summary['reason']})")
-    run_dir = Path(config.output.out) / summary["run_id"]
+    if summary.status != "finished":
+        raise UserError(f"the audited run did not finish: {summary.status} ({summary.reason})")
+    run_dir = Path(config.output.out) / summary.run_id
     model = load_run_model(str(run_dir), spec, torch.device("cpu"))
     scores = canary_scores(model, drawn["images"], drawn["labels"])
     results = audit_guesses(scores, canaries.included.numpy(), delta=args.delta, confidence=args.confidence)
     best = max(results, key=lambda g: g.epsilon_lower_bound)
     report = {"engine": args.engine, "norm": args.norm, "robust": args.robust, "broken": args.broken,
               "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-              "canaries": canaries.m, "inserted": int(canaries.included.sum()), "n_train": summary["n_train"],
-              "sample_rate": summary["sample_rate"],
+              "canaries": canaries.m, "inserted": int(canaries.included.sum()), "n_train": summary.n_train,
+              "sample_rate": summary.sample_rate,
               "confidence": args.confidence, "delta": args.delta, "accountant": "rdp",
               "claimed_epsilon": claimed_epsilon, "epsilon_lower_bound": best.epsilon_lower_bound,
-              "guesses": [dataclasses.asdict(g) for g in results], "test_acc": summary["test_acc"],
+              "guesses": [dataclasses.asdict(g) for g in results], "test_acc": summary.test_acc,
               "run_dir": str(run_dir)}
     (run_dir / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
+# The vision.py settings the audit takes (declared once, in src.config), with the audit's own defaults: a small
+# MNIST run whose claimed epsilon is 1. ``momentum`` None: 0.9 for sgd and rmsprop, none for adam.
+AUDIT_DEFAULTS = {"data_root": "data", "engine": "bk", "norm": "none", "public_data": None, "public_size": None,
+                  "robust": False, "train_subset": 1000, "test_subset": 2000, "epochs": 30, "batch_size": 250,
+                  "optimizer": "sgd", "lr": 0.5, "momentum": None, "clip": 0.1, "delta": 1e-5, "seed": 0,
+                  "out": "runs/audit", "run_id": None}
+SHOWN_DEFAULTS = {"momentum": "0.9 for sgd and rmsprop, none for adam", "public_data": "KMNIST under --data-root",
+                  "train_subset": "1000 private images besides the canaries", "public_size": "128",
+                  "run_id": "generated"}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from src.cli import add_setting, readable
+    from src.config import SETTINGS
+
     parser = argparse.ArgumentParser(prog="python -m experiments.audit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", default="data", help="torchvision data folder with MNIST")
-    parser.add_argument("--engine", default="bk", choices=PRIVATE_ENGINES)
-    parser.add_argument("--norm", default="none", choices=("none", "group", "bn-public"))
-    parser.add_argument("--public-data", help="public images for --norm bn-public (default: KMNIST under --data-root)")
-    parser.add_argument("--public-size", type=int, default=None)
-    parser.add_argument("--robust", action="store_true", help="FGSM-RS adversarial training")
+    for name, default in AUDIT_DEFAULTS.items():
+        add_setting(parser, SETTINGS[name], default=default, choices=PRIVATE_ENGINES if name == "engine" else None,
+                    help_default=SHOWN_DEFAULTS.get(name, readable(default)))
+    noise = parser.add_mutually_exclusive_group()  # the claim: calibrated for an epsilon, or a given noise
+    add_setting(noise, SETTINGS["target_epsilon"], default=1.0, help_default="1 (rdp)")
+    add_setting(noise, SETTINGS["noise"], help_default="calibrated for --target-epsilon")
     parser.add_argument("--canaries", type=int, default=1000, help="m, each inserted with probability 1/2")
-    parser.add_argument("--train-subset", type=int, default=1000, help="private MNIST images besides the canaries")
-    parser.add_argument("--test-subset", type=int, default=2000, help="test images for the accuracy it reports")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "rmsprop"))
-    parser.add_argument("--lr", type=float, default=0.5)
-    parser.add_argument("--momentum", type=float, default=None, help="default 0.9 (sgd, rmsprop); not for adam")
-    parser.add_argument("--clip", type=float, default=0.1)
-    noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("--target-epsilon", type=float, default=1.0, help="claimed epsilon (rdp) to calibrate for")
-    noise.add_argument("--noise", type=float, help="noise multiplier instead of --target-epsilon")
-    parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--confidence", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--broken", choices=BROKEN_VARIANTS, help="a deliberately non-private variant (tests)")
-    parser.add_argument("--out", default="runs/audit")
-    parser.add_argument("--run-id", default=None)
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return parser
 

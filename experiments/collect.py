@@ -26,14 +26,14 @@ def run_rows(run_dir: Path, sweep: str) -> list:
     run = RunDirectory(run_dir)
     config, summary = run.read_config(), run.read_summary()
     robust = config.get("robust", {})
-    fixed = {"sweep": sweep, "run_id": run_dir.name, "status": summary.get("status"),
+    fixed = {"sweep": sweep, "run_id": run_dir.name, "status": summary.status,
              "dataset": config["data"]["dataset"], "norm": config["model"]["norm"], "act": config["model"]["act"],
              "engine": config["privacy"]["engine"], "robust": bool(robust.get("robust", False)),
              "attack": robust.get("attack") if robust.get("robust") else None, "pgd_eps": robust.get("pgd_eps"),
-             "noise_multiplier": summary.get("noise_multiplier"), "clip": config["privacy"]["clip"],
+             "noise_multiplier": summary.noise_multiplier, "clip": config["privacy"]["clip"],
              "batch_size": config["train"]["batch_size"], "lr": config["train"]["lr"], "seed": config["train"]["seed"],
-             "accountant": config["privacy"]["accountant"], "delta": summary.get("delta"),
-             "n_train": summary.get("n_train")}
+             "accountant": config["privacy"]["accountant"], "delta": summary.delta,
+             "n_train": summary.n_train}
     rows = []
     for metrics in run.read_metrics():
         rows.append({**fixed, **{k: metrics.get(k) for k in COLUMNS if k not in fixed}})

@@ -83,13 +83,13 @@ def run_curves(run_dir: Path, out: Path, name: str) -> list:
     sns.lineplot(data=loss, x="epoch", y="cross-entropy (nats)", hue="split", marker="o", ax=axes[1])
     if metrics["epsilon"].notna().any() and (metrics["epsilon"] != float("inf")).all():
         sns.lineplot(data=metrics, x="epoch", y="epsilon", marker="o", ax=axes[2])
-        axes[2].set_ylabel(f"epsilon ({summary.get('accountant')}, delta {summary.get('delta'):g})")
+        axes[2].set_ylabel(f"epsilon ({summary.accountant}, delta {summary.delta:g})")
     else:
         axes[2].text(0.5, 0.5, "non-private: no epsilon", ha="center", va="center", transform=axes[2].transAxes)
     for ax in axes:
         ax.set_xlabel("epoch")
-    figure.suptitle(f"run {run_dir.name}: {summary.get('dataset')}, norm {summary.get('norm')}, "
-                    f"engine {summary.get('engine')}")
+    figure.suptitle(f"run {run_dir.name}: {summary.dataset}, norm {summary.norm}, "
+                    f"engine {summary.engine}")
     figure.tight_layout()
     return _save(figure, out, name)
 

@@ -26,15 +26,25 @@ class GridPoint:
     flags: Dict[str, Any]  # every flag of the run (fixed and grid)
 
     def argv(self) -> List[str]:
-        """The flags as a ``vision.py`` command line (switches present when true, absent when false)."""
-        args: List[str] = []
-        for name, value in self.flags.items():
-            if isinstance(value, bool):
-                if value:
-                    args.append(f"--{name}")
-            elif value is not None:
-                args += [f"--{name}", str(value)]
-        return args
+        return command_line(self.flags)
+
+
+def command_line(flags: Dict[str, Any]) -> List[str]:
+    """Flags as a ``vision.py`` command line: a switch is present when true; when false it is absent, or
+    ``--no-NAME`` for a switch that is on by default (``download``); None leaves the setting to its default."""
+    from src.config import SETTINGS
+
+    args: List[str] = []
+    for name, value in flags.items():
+        if isinstance(value, bool):
+            setting = SETTINGS.get(name.replace("-", "_"))
+            if value:
+                args.append(f"--{name}")
+            elif setting is not None and setting.default is True:
+                args.append(f"--no-{name}")
+        elif value is not None:
+            args += [f"--{name}", str(value)]
+    return args
 
 
 @dataclass(frozen=True)

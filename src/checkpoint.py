@@ -143,8 +143,8 @@ def load(run_path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated or corrupted: torch raises several types
-        raise UserError(f"cannot read {path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                        ) from None
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise UserError(f"cannot read {path}: {type(error).__name__}: {first_line}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("version") != FORMAT_VERSION:
         raise UserError(f"{path} is not a checkpoint this version can resume (format {FORMAT_VERSION})")
     return checkpoint

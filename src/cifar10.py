@@ -61,7 +61,8 @@ def load(data_config, with_public: bool):
             raise UserError(f"--public-size {k} leaves no private images out of the {len(train_images)} "
                             "CIFAR-10 training images")
         public = PublicData(images=train_images[-k:].clone(),
-                            source=f"CIFAR-10 train hold-out (last {k} of {len(train_images)}, removed from the private set)")
+                            source=f"CIFAR-10 train hold-out (last {k} of {len(train_images)}, "
+                                   "removed from the private set)")
         train_images, train_labels = train_images[:-k], train_labels[:-k]
         notes.append(f"public hold-out: {k} CIFAR-10 training images removed from the private set")
     elif with_public:

@@ -1,4 +1,5 @@
-"""Command-line flags of ``vision.py``. Every flag defaults to None here so the config layer can tell
+"""Command-line flags of ``vision.py``, generated from the settings declared in ``src.config`` (each field's
+type, default and help), plus the modes. Every flag defaults to None here so the config layer can tell
 what the user set from what a dataset's defaults supply."""
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import os
 import sys
 from fractions import Fraction
 
-from attacks.defaults import ATTACKS, PGD_NORMS
-from src.config import (ACTIVATIONS, DATA_ROOT_ENV, DEVICES, ENGINES, GLOBAL_DEFAULTS, NORMS, OPTIMIZERS,
-                        RIGOROUS_ACCOUNTANTS, WANDB_MODES, accountant_refusal)
+from typing import Optional
+
+from src.config import DATA_ROOT_ENV, PARSERS, SECTION_TITLES, SETTINGS
+from src.settings import Setting
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -21,39 +23,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _radius(text: str):
-    """A number, or a dataset's named radius (resolved with the dataset's defaults)."""
-    try:
-        return float(text)
-    except ValueError:
-        if text.replace("-", "").isalpha():
-            return text
-        raise argparse.ArgumentTypeError(f"expected a number or a radius name, got {text!r}") from None
-
-
-def _accountant(text: str) -> str:
-    if text not in RIGOROUS_ACCOUNTANTS:
-        raise argparse.ArgumentTypeError(accountant_refusal(text))
-    return text
-
-
 def readable(value) -> str:
     """A default as a researcher would write it: 8/255 rather than 0.03137254901960784, on/off for switches,
     radius names as 'study 0.03, literature 8/255'."""
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
@@ -80,155 +54,107 @@ def _dataset_defaults_epilog() -> str:
     return "\n".join(lines)
 
 
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Append each flag's default to its help: the global one, or 'per dataset' (listed in the epilog).
-    The parser itself keeps default None, so the config layer can tell what the user gave."""
+def default_text(setting: Setting, *, per_dataset: str = "") -> Optional[str]:
+    """The default as --help and README say it: the declared one, readable, or each dataset's (spelled out
+    unless ``per_dataset`` names where they are listed instead). None: there is no default to state."""
     from src.datasets import DATASETS
 
-    per_dataset = {k for spec in DATASETS.values() for k in spec.defaults}
-    for action in parser._actions:
-        if not action.option_strings or action.help == argparse.SUPPRESS or "(default" in (action.help or ""):
-            continue
-        if action.dest in per_dataset:
-            default = "per dataset, below"
-        elif GLOBAL_DEFAULTS.get(action.dest) is not None:
-            default = readable(GLOBAL_DEFAULTS[action.dest])
-        else:
-            continue
-        action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"
+    by_dataset = {name: spec.defaults[setting.name] for name, spec in DATASETS.items()
+                  if setting.name in spec.defaults}
+    if by_dataset:
+        return per_dataset or "; ".join(f"{name} {readable(value)}" for name, value in by_dataset.items())
+    if setting.flag.default_text:
+        return setting.flag.default_text
+    if setting.per_dataset:
+        return None
+    return readable(setting.default)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
-        prog="vision.py",
-        description="Differentially private (DP-SGD) image classifiers: LeNet-5 on MNIST, ResNet-18 on CIFAR-10.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_dataset_defaults_epilog(),
-    )
-    from src.datasets import DATASETS  # the registry: a new dataset module is a new choice
+def add_setting(group, setting: Setting, *, default=None, choices=None, help_default: Optional[str] = None) -> None:
+    """One declared setting as a flag. The parser's own default stays None unless a caller (the audit) gives
+    one, so the config layer can tell what the user set from what a default supplied."""
+    choices = choices or setting.choices()
+    stated = help_default or default_text(setting, per_dataset="per dataset, below")
+    help_text = f"{setting.flag.help} (default: {stated})" if stated else setting.flag.help
+    if setting.type is bool:
+        action = argparse.BooleanOptionalAction if setting.default is True else "store_true"
+        group.add_argument(setting.option, action=action, default=default, help=help_text)
+        return
+    group.add_argument(setting.option, type=setting.flag.parse or PARSERS[setting.type], choices=choices,
+                       metavar=setting.flag.metavar, default=default, help=help_text)
 
-    parser.add_argument("--dataset", choices=tuple(DATASETS), help="required, except with --resume")
-    # What vision.py does: train (the default), or one of these modes; argparse keeps them exclusive.
+
+def _add_modes(parser: argparse.ArgumentParser) -> None:
+    """What vision.py does: train (the default), or one of these modes; argparse keeps them exclusive."""
     modes = parser.add_argument_group("modes (training is the default; at most one of these)")
     mode = modes.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true",
                       help="print the privacy plan as one JSON object and exit, without loading data")
     mode.add_argument("--explain-engine", action="store_true",
                       help="print how the engine computes each layer's per-sample gradient norms and exit")
+    resumable = ", ".join(s.option for s in SETTINGS.values() if s.flag.resumable)
     mode.add_argument("--resume", metavar="RUN_DIR",
                       help="continue a killed, failed or interrupted run from its last checkpoint, with its own "
-                           "config.json (only --data-root, --device and --wandb may be given again)")
+                           f"config.json (only {resumable} may be given again)")
     mode.add_argument("--eval-only", metavar="RUN_DIR",
                       help="evaluate a finished run's model.pt (clean and robust) into a new run directory; "
                            "trains nothing")
 
-    data = parser.add_argument_group("data")
-    data.add_argument("--data-root", default=None,
-                      help=f"torchvision data folder (default: ${DATA_ROOT_ENV} or {GLOBAL_DEFAULTS['data_root']})")
-    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
-                      help="download missing data sets when the network allows (default: on)")
-    data.add_argument("--train-subset", type=_integer, metavar="N",
-                      help="train on the first N private examples; the accountant uses this N")
-    data.add_argument("--test-subset", type=_integer, metavar="N", help="evaluate on the first N test images")
-    data.add_argument("--val-size", type=_integer, metavar="N",
-                      help="hold out the last N private training images as a validation set (removed from n); "
-                           "tune on val_acc, never on the test set (default 0)")
-    data.add_argument("--public-data", metavar="FILE.npz[:KEY]",
-                      help="public images (uint8 array in an .npz or .npy) instead of the dataset's default source")
-    data.add_argument("--public-size", type=_integer, metavar="N",
-                      help=f"number of public images (default {GLOBAL_DEFAULTS['public_size']})")
-    data.add_argument("--public-holdout", action="store_true", default=None,
-                      help="cifar10: take the public set from the end of the CIFAR-10 training set and remove it "
-                           "from the private set (and from n in the accountant)")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--norm", choices=NORMS, help="normalization layer in the model")
-    model.add_argument("--act", choices=ACTIVATIONS, help="activation function")
-
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=_integer)
-    train.add_argument("--batch-size", type=_integer, help="expected (logical) Poisson batch size")
-    train.add_argument("--physical-batch-size", type=_integer,
-                       help="largest batch put through the model at once (Opacus BatchMemoryManager)")
-    train.add_argument("--eval-batch-size", type=_integer)
-    train.add_argument("--optimizer", choices=OPTIMIZERS)
-    train.add_argument("--lr", type=_number)
-    train.add_argument("--momentum", type=_number)
-    train.add_argument("--seed", type=_integer,
-                       help="make the run reproducible; the DP guarantee then assumes the seed stays secret "
-                            "(default: sampling and noise seeds from the OS, kept only in checkpoint.pt)")
-    train.add_argument("--device", choices=DEVICES)
-    train.add_argument("--public-refresh-every", type=_integer, metavar="STEPS",
-                       help="--norm bn-public: recompute the public statistics every STEPS optimizer steps "
-                            "(default 1: before every step, as the weights change)")
-    train.add_argument("--checkpoint-every", type=_integer, metavar="STEPS",
-                       help="also checkpoint every STEPS optimizer steps (every epoch end always is)")
-
-    privacy = parser.add_argument_group("privacy")
-    privacy.add_argument("--engine", choices=ENGINES,
-                         help="per-sample gradient engine: Opacus's hooks, functorch or ghost; mixed-ghost (ghost "
-                              "clipping with norm rules for every layer); bk (book-keeping, one backward pass); "
-                              "or non-private training")
-    privacy.add_argument("--noise", type=_number, metavar="SIGMA", help="noise multiplier")
-    privacy.add_argument("--target-epsilon", type=_number, metavar="EPS",
-                         help="calibrate the noise so that epsilon after all epochs is at most EPS")
-    privacy.add_argument("--delta", type=_number)
-    privacy.add_argument("--clip", type=_number, help="per-sample gradient norm bound")
-    privacy.add_argument("--accountant", type=_accountant, metavar="{rdp,prv}",
-                         help="the rigorous accountant that calibrates, guards and reports epsilon (default rdp); "
-                              "GDP's approximation is reported beside it")
-    privacy.add_argument("--max-epsilon", type=_number, metavar="EPS",
-                         help="budget guard: stop cleanly before any step that would take epsilon above EPS "
-                              "(for --accountant)")
-    privacy.add_argument("--secure-rng", action="store_true", default=None,
-                         help="Opacus secure mode: cryptographically secure sampling and noise (needs torchcsprng; "
-                              "runs are then not reproducible from --seed)")
-
-    robust = parser.add_argument_group("robustness (PGD adversarial training and robust evaluation)")
-    robust.add_argument("--robust", action="store_true", default=None,
-                        help="train on adversarial batches crafted against the current weights (then clip and noise)")
-    robust.add_argument("--attack", choices=ATTACKS, help="training attack (default pgd; fgsm-rs is one step)")
-    robust.add_argument("--pgd-norm", choices=PGD_NORMS, help="threat model of training and evaluation (default linf)")
-    robust.add_argument("--pgd-eps", type=_radius, metavar="EPS|NAME",
-                        help="attack radius in [0,1] pixel units, or a name: study (the CS523 study's 0.03), literature "
-                             "(mnist 0.3, cifar10 8/255), dp-literature (mnist 0.1, its default)")
-    robust.add_argument("--pgd-alpha", type=_number, help="training attack step (default 2.5 eps/steps; fgsm-rs 1.25 eps)")
-    robust.add_argument("--pgd-steps", type=_integer, help="training PGD steps (mnist 40, cifar10 20)")
-    robust.add_argument("--pgd-restarts", type=_integer, help="training PGD random restarts (worst case kept)")
-    robust.add_argument("--adv-ratio", type=_number, help="fraction of each batch made adversarial (default 1.0)")
-    robust.add_argument("--eval-pgd-steps", type=_integer, help="robust evaluation PGD steps (default 40)")
-    robust.add_argument("--eval-pgd-restarts", type=_integer, help="robust evaluation restarts (default 1)")
-    robust.add_argument("--eval-pgd-alpha", type=_number, help="robust evaluation step (default 2.5 eps/steps)")
-    robust.add_argument("--eval-robust-size", type=_integer, metavar="N",
-                        help="test images for robust accuracy (default 1000; 0 turns it off)")
-    robust.add_argument("--eval-robust-every", type=_integer, metavar="EPOCHS",
-                        help="robust accuracy every EPOCHS epochs and after the last (default: 1 with --robust, "
-                             "else after the last epoch only)")
-    robust.add_argument("--masking-checks", action="store_true", default=None,
-                        help="after training (or with --eval-only): radius sweep, more steps/restarts, and transfer, "
-                             "to expose gradient masking")
-    robust.add_argument("--transfer-from", metavar="RUN_DIR",
-                        help="also attack with adversarial examples crafted on this run's model (e.g. non-private)")
-
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", help=f"folder for run directories (default {GLOBAL_DEFAULTS['out']})")
-    output.add_argument("--run-id", help="name of the run directory (default: generated)")
-    output.add_argument("--wandb", choices=WANDB_MODES, help="wandb mode (default offline; never prompts)")
-    output.add_argument("--wandb-project")
-    output.add_argument("--wandb-group")
-    output.add_argument("--unprotected-train-stats", action="store_true", default=None,
-                        help="also release loss and accuracy on the private training batches, named "
-                             "train_loss_unprotected/train_acc_unprotected: NOT covered by epsilon")
-    _show_defaults(parser)
+def build_parser() -> argparse.ArgumentParser:
+    """vision.py's parser, generated from the declared settings (src.config, src.settings)."""
+    parser = OneLineErrorParser(
+        prog="vision.py",
+        description="Differentially private (DP-SGD) image classifiers: LeNet-5 on MNIST, ResNet-18 on CIFAR-10.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_dataset_defaults_epilog(),
+    )
+    _add_modes(parser)
+    groups = {name: parser.add_argument_group(title) for name, title in SECTION_TITLES.items()}
+    for setting in SETTINGS.values():
+        add_setting(groups[setting.section], setting)
     return parser
 
 
+class ResumeParser(OneLineErrorParser):
+    """The command line of ``--resume``: only the settings declared resumable exist here, so anything that
+    would change what is trained is refused by construction, in one line that says why."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            flag = message.split()[2].split("=")[0]
+            message = (f"--resume continues the run with its own config.json; drop {flag} (only "
+                       f"{', '.join(s.option for s in SETTINGS.values() if s.flag.resumable)} may be given)")
+        super().error(message)
+
+
+def build_resume_parser() -> argparse.ArgumentParser:
+    parser = ResumeParser(prog="vision.py", allow_abbrev=False)
+    parser.add_argument("--resume", metavar="RUN_DIR", required=True)
+    for setting in SETTINGS.values():
+        if setting.flag.resumable or setting.name == "dataset":  # --dataset only to check it is the run's
+            add_setting(parser, setting)
+    return parser
+
+
+def _refuse_training_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--eval-only trains nothing: settings declared training-only are refused, not ignored."""
+    for setting in SETTINGS.values():
+        if setting.flag.training_only and getattr(args, setting.name) is not None:
+            parser.error(f"--eval-only trains nothing: drop {setting.option} (the evaluation attack is set by "
+                         "--pgd-eps, --pgd-norm and the --eval-pgd-* flags)")
+
+
 def parse_flags(argv=None) -> tuple:
-    """(settings the user gave, {action: bool}) with the data-root environment variable applied."""
+    """(settings the user gave, {mode: value}) with the data-root environment variable applied."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.dataset is None and args.resume is None:
+    if args.resume is not None:
+        build_resume_parser().parse_args(argv)
+    elif args.dataset is None:
         parser.error("the following arguments are required: --dataset")
+    if args.eval_only is not None:
+        _refuse_training_settings(parser, args)
     actions = {"dry_run": args.dry_run, "explain_engine": args.explain_engine, "eval_only": args.eval_only,
                "resume": args.resume}
     flags = {k: v for k, v in vars(args).items() if k not in actions}
@@ -237,6 +163,33 @@ def parse_flags(argv=None) -> tuple:
     return flags, actions
 
 
+def _table_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def flag_table() -> str:
+    """README's flag table, generated from the same declarations as --help (a test keeps README in step:
+    ``python -m src.cli`` prints it)."""
+    parser = build_parser()
+    lines = []
+    for group in parser._action_groups:
+        rows = [action for action in group._group_actions if action.option_strings and action.dest != "help"]
+        if not rows:
+            continue
+        lines += ["", f"**{group.title}**", "", "| flag | default | meaning |", "| --- | --- | --- |"]
+        for action in rows:
+            setting = SETTINGS.get(action.dest)
+            stated = default_text(setting) if setting else None
+            flag = parser._get_formatter()._format_action_invocation(action)
+            meaning = setting.flag.help if setting else action.help
+            lines.append(f"| `{_table_cell(flag)}` | {_table_cell(stated or '')} | {_table_cell(meaning)} |")
+    return "\n".join(lines[1:]) + "\n"
+
+
 def report_error(message: str) -> int:
     print(f"vision.py: error: {message}", file=sys.stderr)
     return 2
+
+
+if __name__ == "__main__":
+    print(flag_table(), end="")

@@ -6,13 +6,16 @@ need the training-set size (delta < 1/n, calibration) live in ``src.privacy.plan
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from attacks.defaults import ATTACKS, PGD_NORMS, default_alpha
+from dp_layers.norms import NORM_KINDS
 from src.engines import ENGINE_NAMES
 from src.errors import UserError
+from src.settings import section_settings, setting
 
 ENGINES = ENGINE_NAMES  # src.engines: one record per engine
 # Every accountant a run reports. Only the rigorous ones (upper bounds on epsilon) may calibrate the noise,
@@ -21,134 +24,167 @@ ENGINES = ENGINE_NAMES  # src.engines: one record per engine
 # only reported beside them, labelled as an approximation.
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 RIGOROUS_ACCOUNTANTS = ("rdp", "prv")
-NORMS = ("none", "group", "layer", "instance", "bn-public")
+NORMS = tuple(NORM_KINDS)  # dp_layers.norms: the normalization registry
 ACTIVATIONS = ("tanh", "relu")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_ROOT_ENV = "PRV_DATA_ROOT"
-
-# Defaults shared by every dataset; a dataset module's DEFAULTS override these.
-GLOBAL_DEFAULTS: Mapping[str, Any] = {
-    "data_root": "./data",
-    "download": True,
-    "train_subset": None,
-    "test_subset": None,
-    "val_size": 0,  # validation examples held out from the private set (and from n); tune on these
-    "public_data": None,
-    "public_size": 128,
-    "public_holdout": False,
-    "norm": "none",
-    "act": "tanh",
-    "optimizer": "sgd",
-    "momentum": 0.0,
-    "seed": None,  # None: sampling and noise seeds from the OS's entropy, kept only in the checkpoint
-    "device": "auto",
-    "eval_batch_size": 1000,
-    "public_refresh_every": 1,
-    "checkpoint_every": None,  # steps between mid-epoch checkpoints (every epoch end is always checkpointed)
-    "engine": "bk",  # the fastest engine in benchmarks/engines.py (README results)
-    "noise": None,
-    "target_epsilon": None,
-    "delta": 1e-5,
-    "accountant": "rdp",
-    "max_epsilon": None,
-    "secure_rng": False,
-    "out": "runs",
-    "run_id": None,
-    "wandb": "offline",
-    "wandb_project": "private_robust_vision",
-    "wandb_group": None,
-    "unprotected_train_stats": False,  # release loss/accuracy on the private batches (not covered by epsilon)
-    # robust training (--robust) and robust evaluation; datasets set the radius and the training steps
-    "robust": False,
-    "attack": "pgd",
-    "pgd_norm": "linf",
-    "pgd_alpha": None,  # resolved: default_alpha(attack, eps, steps)
-    "pgd_restarts": 1,
-    "adv_ratio": 1.0,
-    "eval_pgd_steps": 40,
-    "eval_pgd_restarts": 1,
-    "eval_pgd_alpha": None,  # resolved: 2.5 eps / eval steps
-    "eval_robust_size": 1000,
-    "eval_robust_every": None,  # resolved: every epoch for --robust runs, else after the last epoch only
-    "masking_checks": False,
-    "transfer_from": None,
-}
 # Flags that only mean something for --robust training (the radius and norm also set the evaluation attack).
 ROBUST_TRAINING_FLAGS = ("attack", "pgd_alpha", "pgd_steps", "pgd_restarts", "adv_ratio")
 
 
-@dataclass(frozen=True)
+def _dataset_names() -> tuple:
+    from src.datasets import DATASETS  # the registry: a new dataset module is a new choice
+
+    return tuple(DATASETS)
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _radius(text: str):
+    """A number, or a dataset's named radius (resolved with the dataset's defaults)."""
+    try:
+        return float(text)
+    except ValueError:
+        if text.replace("-", "").isalpha():
+            return text
+        raise argparse.ArgumentTypeError(f"expected a number or a radius name, got {text!r}") from None
+
+
+def _accountant(text: str) -> str:
+    if text not in RIGOROUS_ACCOUNTANTS:
+        raise argparse.ArgumentTypeError(accountant_refusal(text))
+    return text
+
+
+PARSERS = {int: _integer, float: _number, str: str}  # argparse types by field type (bool fields are switches)
+
+# Every setting, declared once (src.settings): its type, its default (none where each dataset module declares
+# one), its help. The sections group them as config.json, wandb's config and --help do.
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    dataset: str
-    data_root: str
-    download: bool
-    train_subset: Optional[int]
-    test_subset: Optional[int]
-    public_data: Optional[str]
-    public_size: int
-    public_holdout: bool
-    val_size: int = 0  # held out from the private training set, removed from n; metrics released like the test set's
+    dataset: str = setting(choices=_dataset_names, help="mnist: LeNet-5 on 28x28 grey images; cifar10: ResNet-18 "
+                                                        "(3x3 stem, no max-pool) on 32x32 colour. Required, "
+                                                        "except with --resume")
+    data_root: str = setting("./data", resumable=True, metavar="DIR", default_text=f"${DATA_ROOT_ENV} or ./data",
+                             help="torchvision data folder")
+    download: bool = setting(True, help="download missing data sets when the network allows")
+    train_subset: Optional[int] = setting(None, metavar="N",
+                                          help="train on the first N private examples; the accountant uses this N")
+    test_subset: Optional[int] = setting(None, metavar="N", help="evaluate on the first N test images")
+    public_data: Optional[str] = setting(None, metavar="FILE.npz[:KEY]",
+                                         help="public images (uint8 array in an .npz or .npy) instead of the "
+                                              "dataset's default source (KMNIST train for mnist, CIFAR-100 train "
+                                              "for cifar10); more images than the file holds is an error")
+    public_size: int = setting(128, metavar="N", help="number of public images")
+    public_holdout: bool = setting(False, help="cifar10: take the public set from the end of the CIFAR-10 "
+                                               "training set and remove it from the private set (and from n)")
+    val_size: int = setting(0, metavar="N",
+                            help="hold out the last N private training images as a validation set (removed from "
+                                 "n); tune on val_acc, never on the test set")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    norm: str
-    act: str
+    norm: str = setting("none", choices=NORMS, help="normalization layer after every convolution; bn-public is "
+                                            "BatchNorm with statistics from the public set")
+    act: str = setting("tanh", choices=ACTIVATIONS, help="activation function")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    epochs: int
-    batch_size: int
-    physical_batch_size: int
-    optimizer: str
-    lr: float
-    momentum: float
-    seed: Optional[int]  # None: drawn from the OS (the noise is then not replayable from anything released)
-    device: str
-    eval_batch_size: int
-    public_refresh_every: int  # bn-public: recompute public statistics every this many optimizer steps
-    checkpoint_every: Optional[int] = None  # also checkpoint every this many steps (None: epoch ends only)
+    epochs: int = setting(help="passes over the private set (in expectation, with Poisson sampling)")
+    batch_size: int = setting(help="expected (logical) Poisson batch size")
+    physical_batch_size: int = setting(help="largest batch put through the model at once (Opacus "
+                                            "BatchMemoryManager); capped at --batch-size")
+    optimizer: str = setting("sgd", choices=OPTIMIZERS, help="applied to the noised gradient")
+    lr: float = setting(help="learning rate")
+    momentum: float = setting(0.0, help="sgd and rmsprop momentum")
+    seed: Optional[int] = setting(None, default_text="sampling and noise seeds from the OS, kept only in "
+                                                     "checkpoint.pt",
+                                  help="make the run reproducible; the DP guarantee then assumes the seed stays "
+                                       "secret")
+    device: str = setting("auto", choices=DEVICES, resumable=True, help="where to train")
+    eval_batch_size: int = setting(1000, help="batch size of evaluation")
+    public_refresh_every: int = setting(1, metavar="STEPS",
+                                        help="--norm bn-public: recompute the public statistics every STEPS "
+                                             "optimizer steps (1: before every step, as the weights change)")
+    checkpoint_every: Optional[int] = setting(None, metavar="STEPS",
+                                              help="also checkpoint every STEPS optimizer steps (every epoch end "
+                                                   "always is)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
-    engine: str
-    noise: Optional[float]
-    target_epsilon: Optional[float]
-    delta: float
-    clip: float
-    accountant: str
-    max_epsilon: Optional[float] = None  # budget guard: never take a step that would exceed it
-    secure_rng: bool = False  # Opacus secure mode: CSPRNG (torchcsprng) for sampling and noise
+    engine: str = setting("bk", choices=ENGINES,  # bk: the fastest engine in benchmarks/engines.py
+                          help="per-sample gradient engine: Opacus's hooks, functorch or ghost; mixed-ghost (ghost "
+                               "clipping with norm rules for every layer); bk (book-keeping, one backward pass); "
+                               "or non-private training")
+    noise: Optional[float] = setting(None, metavar="SIGMA", help="noise multiplier (replaces the dataset's "
+                                                                 "--target-epsilon)")
+    target_epsilon: Optional[float] = setting(None, metavar="EPS",
+                                              help="calibrate the noise so that epsilon after all epochs is at "
+                                                   "most EPS")
+    delta: float = setting(1e-5, help="delta of (epsilon, delta)-DP; must be below 1/n")
+    clip: float = setting(help="per-sample gradient norm bound C")
+    accountant: str = setting("rdp", parse=_accountant, metavar="{rdp,prv}",
+                              help="the rigorous accountant that calibrates, guards and reports epsilon; GDP's "
+                                   "approximation is reported beside it")
+    max_epsilon: Optional[float] = setting(None, metavar="EPS",
+                                           help="budget guard: stop cleanly before any step that would take "
+                                                "epsilon above EPS (for --accountant)")
+    secure_rng: bool = setting(False, help="Opacus secure mode: cryptographically secure sampling and noise "
+                                           "(needs torchcsprng; runs are then not reproducible from --seed)")
 
     @property
     def private(self) -> bool:
         return self.engine != "non-private"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RobustConfig:
     """--robust training attack (crafted against the current weights for every batch) and the stronger
     attack robust accuracy is evaluated with (same radius and norm, more steps, PGD always)."""
 
-    robust: bool
-    attack: str
-    pgd_norm: str
-    pgd_eps: float
-    pgd_alpha: float
-    pgd_steps: int
-    pgd_restarts: int
-    adv_ratio: float
-    eval_pgd_steps: int
-    eval_pgd_restarts: int
-    eval_pgd_alpha: float
-    eval_robust_size: int
-    eval_robust_every: int
-    masking_checks: bool
-    transfer_from: Optional[str]
+    robust: bool = setting(False, training_only=True,
+                           help="train on adversarial batches crafted against the current weights, then clip and "
+                                "noise")
+    attack: str = setting("pgd", choices=ATTACKS, help="training attack (fgsm-rs is one step)")
+    pgd_norm: str = setting("linf", choices=PGD_NORMS, help="threat model of training and evaluation")
+    pgd_eps: float = setting(parse=_radius, metavar="EPS|NAME",
+                             help="attack radius in [0,1] pixel units, or a name: study (the CS523 study's 0.03), "
+                                  "literature (mnist 0.3, cifar10 8/255), dp-literature (mnist 0.1)")
+    pgd_alpha: float = setting(None, default_text="2.5 eps/steps; fgsm-rs 1.25 eps", help="training attack step")
+    pgd_steps: int = setting(help="training PGD steps")
+    pgd_restarts: int = setting(1, help="training PGD random restarts (worst case kept)")
+    adv_ratio: float = setting(1.0, help="fraction of each batch made adversarial")
+    eval_pgd_steps: int = setting(40, help="robust evaluation PGD steps")
+    eval_pgd_restarts: int = setting(1, help="robust evaluation restarts")
+    eval_pgd_alpha: float = setting(None, default_text="2.5 eps/steps", help="robust evaluation step")
+    eval_robust_size: int = setting(1000, metavar="N", help="test images for robust accuracy (0 turns it off)")
+    eval_robust_every: int = setting(None, metavar="EPOCHS",
+                                     default_text="1 with --robust, else after the last epoch only",
+                                     help="robust accuracy every EPOCHS epochs and after the last")
+    masking_checks: bool = setting(False, help="after training (or with --eval-only): radius sweep, more "
+                                               "steps/restarts, and transfer, to expose gradient masking")
+    transfer_from: Optional[str] = setting(None, metavar="RUN_DIR",
+                                           help="also attack with adversarial examples crafted on this run's "
+                                                "model (e.g. non-private)")
 
     def train_attack(self):
         from attacks.pgd import AttackSpec
@@ -163,16 +199,18 @@ class RobustConfig:
                           steps=self.eval_pgd_steps, restarts=self.eval_pgd_restarts)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OutputConfig:
-    out: str
-    run_id: Optional[str]
-    wandb: str
-    wandb_project: str
-    wandb_group: Optional[str]
+    out: str = setting("runs", metavar="DIR", help="folder for run directories")
+    run_id: Optional[str] = setting(None, default_text="generated", help="name of the run directory")
+    wandb: str = setting("offline", choices=WANDB_MODES, resumable=True, help="wandb mode (never prompts)")
+    wandb_project: str = setting("private_robust_vision", help="wandb project")
+    wandb_group: Optional[str] = setting(None, help="wandb group (sweeps set their name)")
     # Loss and accuracy on the private training batches are not covered by epsilon (one example's loss is
     # unbounded), so they are released only when asked, under names that say so.
-    unprotected_train_stats: bool = False
+    unprotected_train_stats: bool = setting(False, help="also release loss and accuracy on the private training "
+                                                        "batches, named train_loss_unprotected/"
+                                                        "train_acc_unprotected: NOT covered by epsilon")
 
 
 @dataclass(frozen=True)
@@ -189,18 +227,17 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Config":
-        return cls(
-            data=DataConfig(**d["data"]),
-            model=ModelConfig(**d["model"]),
-            train=TrainConfig(**d["train"]),
-            privacy=PrivacyConfig(**d["privacy"]),
-            output=OutputConfig(**d["output"]),
-            robust=RobustConfig(**d["robust"]),
-        )
+        return cls(**{name: section(**d[name]) for name, section in SECTIONS.items()})
 
 
-def _section_fields(section) -> list[str]:
-    return [f.name for f in dataclasses.fields(section)]
+# Section name (as in config.json) -> class, in the order --help shows them, with help's group titles.
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "privacy": PrivacyConfig,
+            "robust": RobustConfig, "output": OutputConfig}
+SECTION_TITLES = {"data": "data", "model": "model", "train": "training", "privacy": "privacy",
+                  "robust": "robustness (PGD adversarial training and robust evaluation)", "output": "output"}
+SETTINGS = {s.name: s for name, section in SECTIONS.items() for s in section_settings(name, section)}
+# Defaults shared by every dataset; a dataset module's DEFAULTS supply the rest and may override these.
+GLOBAL_DEFAULTS: Mapping[str, Any] = {name: s.default for name, s in SETTINGS.items() if not s.per_dataset}
 
 
 def resolve_settings(flags: Mapping[str, Any], dataset_defaults: Mapping[str, Any]) -> dict:
@@ -250,14 +287,11 @@ def _resolve_attack(settings: dict, user: Mapping[str, Any]) -> None:
 def build_config(flags: Mapping[str, Any], dataset_defaults: Mapping[str, Any]) -> Config:
     """Resolve defaults and validate; raise UserError with a one-line message on the first problem."""
     s = resolve_settings(flags, dataset_defaults)
-    sections = {}
-    for name, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig),
-                      ("privacy", PrivacyConfig), ("output", OutputConfig), ("robust", RobustConfig)):
-        missing = [f for f in _section_fields(cls) if f not in s]
-        if missing:
-            raise UserError(f"no value or default for {', '.join('--' + m.replace('_', '-') for m in missing)}")
-        sections[name] = cls(**{f: s[f] for f in _section_fields(cls)})
-    config = Config(**sections)
+    missing = [setting.option for name, setting in SETTINGS.items() if name not in s]
+    if missing:
+        raise UserError(f"no value or default for {', '.join(missing)}")
+    config = Config(**{name: section(**{f.name: s[f.name] for f in dataclasses.fields(section)})
+                       for name, section in SECTIONS.items()})
     validate(config)
     return config
 
@@ -275,11 +309,20 @@ def accountant_refusal(name: str) -> str:
     return f"unknown --accountant {name!r}; choose from {', '.join(RIGOROUS_ACCOUNTANTS)}"
 
 
+def _check_choices(config: Config) -> None:
+    """Argparse enforces the declared choices on the command line; this enforces them on a config.json read
+    back for --resume (the dataset is checked by the registry itself)."""
+    for name, declared in SETTINGS.items():
+        choices = declared.choices()
+        value = getattr(getattr(config, declared.section), name)
+        if choices is not None and name != "dataset":
+            _require(value in choices, f"unknown {declared.option} {value!r}; choose from {', '.join(choices)}")
+
+
 def validate(config: Config) -> None:
     """Every check that needs no data. The messages name the flag so the fix is obvious."""
-    d, m, t, p, o = config.data, config.model, config.train, config.privacy, config.output
-    _require(m.norm in NORMS, f"unknown --norm {m.norm!r}; choose from {', '.join(NORMS)}")
-    _require(m.act in ACTIVATIONS, f"unknown --act {m.act!r}; choose from {', '.join(ACTIVATIONS)}")
+    _check_choices(config)
+    d, t, p, o = config.data, config.train, config.privacy, config.output
     _require(t.epochs >= 1, f"--epochs must be at least 1, got {t.epochs}")
     _require(t.batch_size >= 1, f"--batch-size must be at least 1, got {t.batch_size}")
     _require(t.physical_batch_size >= 1, f"--physical-batch-size must be at least 1, got {t.physical_batch_size}")
@@ -290,20 +333,17 @@ def validate(config: Config) -> None:
     _require(t.public_refresh_every >= 1, f"--public-refresh-every must be at least 1, got {t.public_refresh_every}")
     _require(t.checkpoint_every is None or t.checkpoint_every >= 1,
              f"--checkpoint-every must be at least 1, got {t.checkpoint_every}")
-    _require(t.optimizer in OPTIMIZERS, f"unknown --optimizer {t.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     _require(t.lr > 0, f"--lr must be positive, got {t.lr}")
     _require(0 <= t.momentum < 1, f"--momentum must be in [0, 1), got {t.momentum}")
     _require(not (t.optimizer == "adam" and t.momentum != 0),
              "--momentum does not apply to --optimizer adam (its betas play that role); drop --momentum")
     _require(t.seed is None or t.seed >= 0, f"--seed must be non-negative, got {t.seed}")
-    _require(t.device in DEVICES, f"unknown --device {t.device!r}; choose from {', '.join(DEVICES)}")
     _require(d.train_subset is None or d.train_subset >= 1, f"--train-subset must be at least 1, got {d.train_subset}")
     _require(d.test_subset is None or d.test_subset >= 1, f"--test-subset must be at least 1, got {d.test_subset}")
     _require(d.val_size >= 0, f"--val-size must be non-negative, got {d.val_size}")
     _require(d.public_size >= 1, f"--public-size must be at least 1, got {d.public_size}")
     _require(not (d.public_holdout and d.public_data),
              "--public-holdout and --public-data both choose the public set; give one of them")
-    _require(p.engine in ENGINES, f"unknown --engine {p.engine!r}; choose from {', '.join(ENGINES)}")
     _require(p.accountant in RIGOROUS_ACCOUNTANTS, f"--accountant: {accountant_refusal(p.accountant)}")
     _require(0 < p.delta < 1, f"--delta must be in (0, 1), got {p.delta}")
     _require(p.clip > 0, f"--clip must be positive, got {p.clip}")
@@ -326,15 +366,12 @@ def validate(config: Config) -> None:
                  "--engine non-private adds no noise: drop --noise/--target-epsilon or pick a private engine")
         _require(p.max_epsilon is None, "--engine non-private spends no budget it could guard: drop --max-epsilon")
         _require(not p.secure_rng, "--secure-rng secures the noise of private training: it needs a private --engine")
-    _require(o.wandb in WANDB_MODES, f"unknown --wandb {o.wandb!r}; choose from {', '.join(WANDB_MODES)}")
     _require(o.run_id is None or (o.run_id.strip() and "/" not in o.run_id and o.run_id not in (".", "..")),
              f"--run-id must be a plain directory name, got {o.run_id!r}")
     _validate_robust(config.robust)
 
 
 def _validate_robust(r: RobustConfig) -> None:
-    _require(r.attack in ATTACKS, f"unknown --attack {r.attack!r}; choose from {', '.join(ATTACKS)}")
-    _require(r.pgd_norm in PGD_NORMS, f"unknown --pgd-norm {r.pgd_norm!r}; choose from {', '.join(PGD_NORMS)}")
     _require(r.pgd_eps > 0, f"--pgd-eps must be positive, got {r.pgd_eps}")
     _require(r.pgd_norm != "linf" or r.pgd_eps <= 1,
              f"--pgd-eps {r.pgd_eps} is beyond the [0, 1] pixel range for an linf attack")

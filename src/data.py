@@ -159,7 +159,8 @@ def load_cifar10_split(root: str, *, train: bool, download: bool, notes: list):
         try:
             dataset = PartialCIFAR10(root, train=train, train_batches=present)
         except (OSError, ValueError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
-            raise DataUnavailable(f"CIFAR-10 files in {folder} are unreadable ({type(error).__name__}: {error})") from None
+            raise DataUnavailable(f"CIFAR-10 files in {folder} are unreadable "
+                                  f"({type(error).__name__}: {error})") from None
         split = "training" if train else "test"
         if train and len(present) < len(CIFAR10_TRAIN_BATCHES):
             notes.append(f"partial CIFAR-10: using {len(present)} of 5 training batches "

@@ -9,6 +9,7 @@ from src.config import Config
 from src.data import DatasetSpec
 from src.errors import UserError
 from src.run_directory import RunDirectory
+from src.summary import EvaluationSummary
 from src.tracking import WandbRun, check_wandb_mode, git_commit, recording_outcome
 from src.loop import evaluate
 from src.train import derive_seeds, exit_code_for, load_run_model, resolve_device, run_masking_checks
@@ -16,15 +17,13 @@ from attacks.robust_eval import robust_accuracy
 
 
 def check_eval_only(config: Config) -> None:
-    """Training-only flags make no sense with --eval-only: refuse them instead of ignoring them."""
-    if config.robust.robust:
-        raise UserError("--eval-only trains nothing: drop --robust (the evaluation attack is set by --pgd-eps, "
-                        "--pgd-norm and the --eval-pgd-* flags)")
+    """An evaluation that measures robustness needs images to attack (training-only flags are refused by the
+    parser, src.cli)."""
     if not config.robust.eval_robust_size:
         raise UserError("--eval-only with --eval-robust-size 0 would measure only clean accuracy; give a size > 0")
 
 
-def run_eval_only(config: Config, spec: DatasetSpec, source_run: str) -> dict:
+def run_eval_only(config: Config, spec: DatasetSpec, source_run: str) -> EvaluationSummary:
     started = time.time()
     check_eval_only(config)
     device = resolve_device(config.train.device)
@@ -45,27 +44,28 @@ def run_eval_only(config: Config, spec: DatasetSpec, source_run: str) -> dict:
     tracker = WandbRun.start(mode=config.output.wandb, project=config.output.wandb_project,
                              group=config.output.wandb_group, run_dir=run_dir.path, run_id=run_dir.run_id,
                              config=record, tags=[spec.name, "eval-only"])
-    summary = {"run_id": run_dir.run_id, "status": "running", "source_run": record["eval_only"],
-               "dataset": spec.name, "test_acc": None, "robust_acc": None,
-               "eval_attack": robust.eval_attack().to_dict(), "eval_robust_size": robust.eval_robust_size}
+    summary = EvaluationSummary(run_id=run_dir.run_id, source_run=record["eval_only"], dataset=spec.name,
+                                eval_attack=robust.eval_attack().to_dict(), eval_robust_size=robust.eval_robust_size,
+                                wandb=tracker.directory or tracker.error)
     try:
         with recording_outcome(summary):
             test_loss, test_acc = evaluate(model, data.test, batch_size=config.train.eval_batch_size, device=device)
             summary.update(test_loss=test_loss, test_acc=test_acc)
-            summary["robust_acc"] = robust_accuracy(model, data.test, robust.eval_attack(),
+            summary.robust_acc = robust_accuracy(model, data.test, robust.eval_attack(),
                                                     size=robust.eval_robust_size,
                                                     batch_size=config.train.eval_batch_size, device=device,
                                                     seed=seeds.evaluation)
-            print(f"{source_id}: test accuracy {test_acc:.2f}%, robust accuracy {summary['robust_acc']:.2f}% "
+            print(f"{source_id}: test accuracy {test_acc:.2f}%, robust accuracy {summary.robust_acc:.2f}% "
                   f"({robust.eval_attack().describe()}, {min(robust.eval_robust_size, len(data.test))} images)",
                   flush=True)
             if robust.masking_checks or transfer_source is not None:
-                summary["masking_checks"] = run_masking_checks(model, data.test, config, device, seeds.evaluation,
-                                                               summary["robust_acc"], transfer_source)
+                summary.masking_checks = run_masking_checks(model, data.test, config, device, seeds.evaluation,
+                                                            summary.robust_acc, transfer_source)
     finally:
-        summary["wall_seconds"] = time.time() - started
+        summary.wall_seconds = time.time() - started
         run_dir.write_summary(summary)
-        tracker.log({k: summary[k] for k in ("test_acc", "robust_acc") if summary.get(k) is not None}, step=0)
+        tracker.log({k: v for k, v in (("test_acc", summary.test_acc), ("robust_acc", summary.robust_acc))
+                     if v is not None}, step=0)
         tracker.finish(summary, exit_code=exit_code_for(summary))
     print(f"wrote {run_dir.path}", flush=True)
     return summary

@@ -9,6 +9,7 @@ from src.checkpoint import Position
 from src.config import Config
 from src.accounting import PrivacyPlan
 from src.run_directory import RunDirectory
+from src.summary import TrainingSummary
 
 
 SEED_NOTE = ("note: --seed makes the noise and the batches replayable; the privacy guarantee assumes the seed "
@@ -62,15 +63,15 @@ def epoch_line(config: Config, plan: PrivacyPlan, row: dict) -> str:
     return "  ".join(parts + [eps_text, f"{row['seconds']:.1f}s"])
 
 
-def report_outcome(summary: dict, config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> None:
-    if summary["status"] not in ("finished", "budget-exhausted"):
+def report_outcome(summary: TrainingSummary, config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> None:
+    if summary.status not in ("finished", "budget-exhausted"):
         return
-    by_acc = dict(summary["epsilon_by_accountant"] or {})
+    by_acc = dict(summary.epsilon_by_accountant or {})
     extra = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in by_acc.items())
-    if summary.get("epsilon_gdp_approximation") is not None:
-        extra += f"; gdp approximation {summary['epsilon_gdp_approximation']:.3f}, not a guarantee"
-    robust_text = (f", robust accuracy {summary['robust_acc']:.2f}% ({config.robust.eval_attack().describe()})"
-                   if summary["robust_acc"] is not None else "")
-    print(f"{summary['status']}: test accuracy {summary['test_acc']:.2f}%{robust_text}"
-          + (f", epsilon {summary['epsilon']:.3f} at delta {plan.delta:g} ({extra})" if plan.private else "")
+    if summary.epsilon_gdp_approximation is not None:
+        extra += f"; gdp approximation {summary.epsilon_gdp_approximation:.3f}, not a guarantee"
+    robust_text = (f", robust accuracy {summary.robust_acc:.2f}% ({config.robust.eval_attack().describe()})"
+                   if summary.robust_acc is not None else "")
+    print(f"{summary.status}: test accuracy {summary.test_acc:.2f}%{robust_text}"
+          + (f", epsilon {summary.epsilon:.3f} at delta {plan.delta:g} ({extra})" if plan.private else "")
           + f"; {run_dir.path}", flush=True)

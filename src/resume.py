@@ -1,18 +1,17 @@
 """``--resume RUN_DIR``: the configuration a run continues with is the one it started with.
 
-Only settings that say where things are (data root, device) or how they are tracked (wandb) may be
-given again; anything that changes what is trained is refused, so a resumed run is the same experiment.
+Only settings declared resumable (where things are: data root, device; how they are tracked: wandb) may
+be given again: the resume parser (``src.cli``) has no other flag, so a resumed run is the same experiment.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping
 
-from src.config import Config, validate
+from src.config import SETTINGS, Config, validate
 from src.errors import UserError
 from src.run_directory import RunDirectory
 
-RESUMABLE_OVERRIDES = {"data_root": "data", "device": "train", "wandb": "output"}
 NOT_RESUMABLE = ("finished", "budget-exhausted")
 
 
@@ -24,7 +23,7 @@ def resume_config(run_path: str, flags: Mapping[str, Any]):
     run_dir = RunDirectory(path)
     try:
         record = run_dir.read_config()
-        status = run_dir.read_summary().get("status")
+        status = run_dir.read_summary().status
     except FileNotFoundError as missing:
         raise UserError(f"{run_path} is not a run directory: {Path(missing.filename).name} is missing") from None
     except (OSError, ValueError) as error:
@@ -34,14 +33,10 @@ def resume_config(run_path: str, flags: Mapping[str, Any]):
     dataset = record.get("data", {}).get("dataset")
     if flags.get("dataset") not in (None, dataset):
         raise UserError(f"the run in {run_path} trains on {dataset}, not --dataset {flags['dataset']}")
-    given = [k for k, v in flags.items() if v is not None and k not in RESUMABLE_OVERRIDES and k != "dataset"]
-    if given:
-        raise UserError(f"--resume continues the run with its own config.json; drop --{given[0].replace('_', '-')} "
-                        f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} may be given)")
     try:
-        for key, section in RESUMABLE_OVERRIDES.items():
-            if flags.get(key) is not None:
-                record[section][key] = flags[key]
+        for setting in SETTINGS.values():
+            if setting.flag.resumable and flags.get(setting.name) is not None:
+                record[setting.section][setting.name] = flags[setting.name]
         record["output"].update(out=str(path.parent), run_id=path.name)
         config = Config.from_dict(record)
     except (KeyError, TypeError, AttributeError) as error:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from src.atomic_files import atomic_torch_save, atomic_write_json, atomic_write_text, json_safe
 from src.errors import UserError
+from src.summary import RunSummary
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -60,8 +61,8 @@ class RunDirectory:
         atomic_write_text(self.path / METRICS_FILE,
                           "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.metrics))
 
-    def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.path / SUMMARY_FILE, summary)
+    def write_summary(self, summary: RunSummary) -> None:
+        atomic_write_json(self.path / SUMMARY_FILE, summary.to_dict())
 
     def save_model(self, state_dict: dict) -> None:
         atomic_torch_save(self.path / MODEL_FILE, state_dict)
@@ -72,8 +73,8 @@ class RunDirectory:
     def read_config(self) -> dict:
         return json.loads((self.path / CONFIG_FILE).read_text())
 
-    def read_summary(self) -> dict:
-        return json.loads((self.path / SUMMARY_FILE).read_text())
+    def read_summary(self) -> RunSummary:
+        return RunSummary.from_dict(json.loads((self.path / SUMMARY_FILE).read_text()))
 
     def read_metrics(self) -> list:
         """The per-epoch rows written so far ([] before the first epoch ends)."""
@@ -85,7 +86,7 @@ class RunDirectory:
         if not self.path.exists():
             return "missing"
         try:
-            return self.read_summary().get("status", "unreadable")
+            return self.read_summary().status
         except (OSError, ValueError):
             return "unreadable"
 

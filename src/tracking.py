@@ -37,12 +37,12 @@ def new_run_id(config) -> str:
 
 
 @contextmanager
-def recording_outcome(summary: dict):
-    """Set ``summary["status"]`` (and ``reason``) from how the block ends: finished, a clean stop
+def recording_outcome(summary):
+    """Set the summary's ``status`` (and ``reason``) from how the block ends: finished, a clean stop
     (TrainingStopped), interrupted, or failed (re-raised). The caller writes the summary in its ``finally``."""
     try:
         yield
-        summary["status"] = "finished"
+        summary.status = "finished"
     except TrainingStopped as stop:
         summary.update(status=stop.status, reason=stop.reason)
         log.error("run stopped: %s", stop.reason)
@@ -85,9 +85,10 @@ class WandbRun:
         if self._run is not None:
             self._run.log(json_safe(row), step=step)
 
-    def finish(self, summary: dict, exit_code: int) -> None:
+    def finish(self, summary, exit_code: int) -> None:
+        """Copy the run's summary (``src.summary``) into wandb's and close the run."""
         if self._run is not None:
-            for key, value in json_safe(summary).items():
+            for key, value in json_safe(summary.to_dict()).items():
                 self._run.summary[key] = value
             self._run.finish(exit_code=exit_code)
             self._run = None

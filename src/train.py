@@ -32,6 +32,7 @@ from src.loop import EpochSpec, evaluate, public_refresher, require_finite_weigh
 from src.privacy import Training, attach, check_engine_supports
 from src.report import announce, epoch_line, report_outcome
 from src.run_directory import RunDirectory
+from src.summary import RunSummary, TrainingSummary
 from src.tracking import WandbRun, check_wandb_mode, git_commit, new_run_id, recording_outcome
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class RunSession(PreparedRun):
     """A prepared run in its run directory, so the epoch loop, checkpoints and resume share one object."""
 
     run_dir: Optional[RunDirectory] = None
-    summary: dict = dataclasses.field(default_factory=dict)
+    summary: Optional[TrainingSummary] = None
     # n and the fingerprints of the private, validation and public sets: kept in the checkpoint only (secret)
     data_identity: dict = dataclasses.field(default_factory=dict)
     step_limit: Optional[int] = None  # --max-epsilon: stop before this step (from the accountant's history)
@@ -99,7 +100,7 @@ class RunSession(PreparedRun):
         checkpoint.save(self.run_dir.path, checkpoint.capture(
             model=self.training.base_model, optimizer=self.training.optimizer.original_optimizer,
             history=self.training.history(), generators=self.generators, position=position,
-            metrics=self.run_dir.metrics, summary=self.summary, seeds=dataclasses.asdict(self.seeds),
+            metrics=self.run_dir.metrics, summary=self.summary.to_dict(), seeds=dataclasses.asdict(self.seeds),
             data_identity=self.data_identity))
 
 
@@ -138,26 +139,22 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
                        generators=generators, adversarial=adversarial, refresh_public=refresh_public)
 
 
-def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> dict:
-    """What summary.json and wandb's summary hold: test-set metrics, validation metrics, epsilon and the
-    settings, all covered by the reported epsilon (``unprotected_*`` keys only with the opt-in flag)."""
+def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> TrainingSummary:
+    """A new run's summary (``src.summary``): the plan and settings now, the numbers as epochs finish."""
     robust = config.robust
-    return {"run_id": run_dir.run_id, "status": "running", "reason": None, "dataset": config.data.dataset,
-            "norm": config.model.norm, "engine": config.privacy.engine, "accountant": config.privacy.accountant,
-            "delta": plan.delta, "noise_multiplier": plan.noise_multiplier, "n_train": plan.n_train,
-            "sample_rate": plan.sample_rate, "epochs": 0, "steps": 0, "val_loss": None, "val_acc": None,
-            "test_loss": None, "test_acc": None, "epsilon": None if plan.private else math.inf,
-            "epsilon_by_accountant": None, "epsilon_gdp_approximation": None,
-            "unprotected_train_stats": config.output.unprotected_train_stats,
-            "max_epsilon": plan.max_epsilon, "budget_steps": plan.budget_steps,
-            "robust": robust.robust, "robust_acc": None,
-            "eval_attack": robust.eval_attack().to_dict() if robust.eval_robust_size else None,
-            "eval_robust_size": robust.eval_robust_size,
-            "train_attack": robust.train_attack().to_dict() if robust.robust else None,
-            "adv_ratio": robust.adv_ratio if robust.robust else None, "resumed": 0, "wall_seconds": 0.0}
+    return TrainingSummary(
+        run_id=run_dir.run_id, dataset=config.data.dataset, norm=config.model.norm, engine=config.privacy.engine,
+        accountant=config.privacy.accountant, delta=plan.delta, noise_multiplier=plan.noise_multiplier,
+        n_train=plan.n_train, sample_rate=plan.sample_rate, epsilon=None if plan.private else math.inf,
+        unprotected_train_stats=config.output.unprotected_train_stats, max_epsilon=plan.max_epsilon,
+        budget_steps=plan.budget_steps, robust=robust.robust,
+        eval_attack=robust.eval_attack().to_dict() if robust.eval_robust_size else None,
+        eval_robust_size=robust.eval_robust_size,
+        train_attack=robust.train_attack().to_dict() if robust.robust else None,
+        adv_ratio=robust.adv_ratio if robust.robust else None)
 
 
-def run(config: Config, spec: DatasetSpec, resume: bool = False) -> dict:
+def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSummary:
     """Train one configuration end to end and return its summary (also written to summary.json).
 
     Everything that can be refused (data, privacy plan, output folder) is checked before the run
@@ -187,9 +184,9 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> dict:
         run_dir.rewrite_metrics()  # drop rows written after the checkpoint: those steps are redone
         if position.partial is None and position.epoch:
             run_dir.save_model(saved["model"])  # the checkpointed epoch's model, if a kill came before its save
-        summary = dict(saved["summary"], status="running", reason=None)
-        summary["resumed"] = summary.get("resumed", 0) + 1
-        previous_seconds = summary.get("wall_seconds") or 0.0
+        summary = TrainingSummary.from_dict(saved["summary"])
+        summary.update(status="running", reason=None, resumed=summary.resumed + 1)
+        previous_seconds = summary.wall_seconds or 0.0
     else:
         run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
         run_dir.write_config({**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(),
@@ -203,27 +200,26 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> dict:
                          step_limit=budget_step_limit(plan, training.history(), position.step))
     session.tracker = WandbRun.start(
         mode=config.output.wandb, project=config.output.wandb_project, group=config.output.wandb_group,
-        run_dir=run_dir.path, run_id=run_dir.run_id if not resume else f"{run_dir.run_id}-resumed-{summary['resumed']}",
+        run_dir=run_dir.path, run_id=run_dir.run_id if not resume else f"{run_dir.run_id}-resumed-{summary.resumed}",
         config=run_dir.read_config(),
         tags=[config.data.dataset, f"norm:{config.model.norm}", f"engine:{config.privacy.engine}",
               f"noise:{plan.noise_multiplier}", f"robust:{robust.robust}"] + (["resumed"] if resume else []))
-    summary["wandb"] = session.tracker.directory or session.tracker.error
-    summary["budget_steps"] = session.step_limit if plan.max_epsilon is not None else None
+    summary.wandb = session.tracker.directory or session.tracker.error
+    summary.budget_steps = session.step_limit if plan.max_epsilon is not None else None
     announce(config, plan, run_dir, position, session.step_limit)
 
     try:
         with recording_outcome(summary):
             _train_epochs(session, position, sampling_state, started, previous_seconds)
             if robust.masking_checks or transfer_source is not None:
-                summary["masking_checks"] = run_masking_checks(training.model, data.test, config, device,
-                                                               seeds.evaluation, summary["robust_acc"],
-                                                               transfer_source)
+                summary.masking_checks = run_masking_checks(training.model, data.test, config, device,
+                                                            seeds.evaluation, summary.robust_acc, transfer_source)
                 run_dir.write_summary(summary)
     finally:
         if plan.private:
-            summary["epsilon_by_accountant"] = epsilon_by_accountant(training.history(), plan.delta)
-            summary["epsilon_gdp_approximation"] = gdp_approximation(training.history(), plan.delta)
-        summary["wall_seconds"] = previous_seconds + time.time() - started
+            summary.epsilon_by_accountant = epsilon_by_accountant(training.history(), plan.delta)
+            summary.epsilon_gdp_approximation = gdp_approximation(training.history(), plan.delta)
+        summary.wall_seconds = previous_seconds + time.time() - started
         try:
             run_dir.write_summary(summary)
         except OSError as error:
@@ -273,7 +269,7 @@ def _train_epochs(session: RunSession, position: Position, sampling_state, start
             robust_acc = robust_accuracy(training.model, session.data.test, robust.eval_attack(),
                                          size=robust.eval_robust_size, batch_size=config.train.eval_batch_size,
                                          device=session.device, seed=session.seeds.evaluation)
-            summary["robust_acc"] = robust_acc
+            summary.robust_acc = robust_acc
         row = {"epoch": epoch, "step": step, "test_loss": test_loss, "test_acc": test_acc, "robust_acc": robust_acc,
                "epsilon": epsilon, "seconds": time.time() - epoch_started, "train_seconds": train_seconds}
         if val is not None:
@@ -281,7 +277,7 @@ def _train_epochs(session: RunSession, position: Position, sampling_state, start
         if config.output.unprotected_train_stats:
             row.update(train_loss_unprotected=progress.loss, train_acc_unprotected=progress.accuracy)
         per_epoch_only = ("epoch", "step", "seconds", "train_seconds", "robust_acc")  # robust_acc: set when measured
-        summary.update({k: v for k, v in row.items() if k not in per_epoch_only},
+        summary.update(**{k: v for k, v in row.items() if k not in per_epoch_only},
                        epochs=epoch, steps=step, wall_seconds=previous_seconds + time.time() - started)
         # Checkpoint first, then release: a kill between the two resumes after this epoch instead of
         # redoing it with fresh noise (secure RNG, GPU), which would release two versions of one epoch.
@@ -341,7 +337,7 @@ def run_masking_checks(model, test_set, config: Config, device: torch.device, se
     return report
 
 
-def exit_code_for(summary: dict) -> int:
+def exit_code_for(summary: RunSummary) -> int:
     """0 for a finished run or one stopped by its privacy budget (as asked), 130 for an interrupted one,
     1 for one that diverged or failed."""
-    return {"finished": 0, "budget-exhausted": 0, "interrupted": 130}.get(summary["status"], 1)
+    return {"finished": 0, "budget-exhausted": 0, "interrupted": 130}.get(summary.status, 1)

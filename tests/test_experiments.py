@@ -94,11 +94,31 @@ def test_wandb_spec_is_the_same_grid_and_its_entry_point_applies_the_same_rule()
     spec = yaml.safe_load(yaml.safe_dump(wandb_sweep_spec(sweep)))
     assert spec["method"] == "grid" and spec["parameters"]["noise"]["values"] == [1.0, 5.0, 10.0]
     assert spec["parameters"]["attack"]["value"] == "fgsm-rs"
-    # What a wandb agent passes for a clean point: --robust is absent, --attack present; the entry point drops it.
+    # What a wandb agent passes for a clean point: --robust is absent, --attack present; the entry point drops it,
+    # and gives the point --seed 0 as the local runner does (a wandb point once ran without it: to_argv read the
+    # seed 0 as a false switch).
     agent_args = ["--dataset", "mnist", "--noise=1.0", "--norm=none", "--attack=fgsm-rs", "--epochs=10"]
-    assert to_argv(point_flags(parse(agent_args))) == ["--dataset", "mnist", "--noise", "1.0", "--norm", "none",
-                                                       "--epochs", "10"]
+    assert to_argv(point_flags(parse(agent_args))) == ["--seed", "0", "--dataset", "mnist", "--norm", "none",
+                                                       "--epochs", "10", "--noise", "1.0"]
     assert "--attack" in to_argv(point_flags(parse(agent_args + ["--robust"])))
+
+
+def _agent_command_line(spec: dict, values: dict) -> list:
+    """What ``wandb agent`` runs for one grid point: the spec's command with ${args_no_boolean_flags} filled in
+    (a true switch as --name, a false one left out, every other value as --name=value)."""
+    fixed = [a for a in spec["command"][4:] if a != "${args_no_boolean_flags}"]
+    args = [f"--{k}" if v is True else f"--{k}={v}" for k, v in values.items() if v is not False]
+    return fixed + args
+
+
+def test_a_wandb_agent_runs_every_point_with_the_local_runners_flags():
+    sweep = load_sweep(REPO / "experiments" / "sweeps" / "mnist_study.yaml")
+    spec = wandb_sweep_spec(sweep)
+    for point in sweep.points():
+        agent = parse(to_argv(point_flags(parse(_agent_command_line(spec, {**sweep.fixed, **point.values})))))
+        local = parse(["--dataset", sweep.dataset, *point.argv()])
+        runner_set = {"wandb-group", "wandb", "out"}  # where each runner puts the run, not what it trains
+        assert {k: v for k, v in agent.items() if k not in runner_set} == local, point.run_id
 
 
 @pytest.mark.parametrize("text,words", [("name: x\ndataset: mnist\n", "lacks grid"),
