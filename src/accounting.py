@@ -61,7 +61,10 @@ def _accountant_options(accountant: str) -> dict:
 
 
 def epsilon_from_history(accountant: str, history: list, delta: float) -> float:
-    """Epsilon of an Opacus accountant fed ``history`` [(noise, sample_rate, steps), ...]; may raise."""
+    """Epsilon of an Opacus accountant fed ``history`` [(noise, sample_rate, steps), ...]; may raise.
+    No step taken spends nothing: 0 (Opacus's GDP accountant cannot read an empty history)."""
+    if not history:
+        return 0.0
     with quiet_accounting():
         acc = create_accountant(mechanism=accountant)
         acc.history = list(history)

@@ -154,6 +154,48 @@ def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> Tr
         adv_ratio=robust.adv_ratio if robust.robust else None)
 
 
+@dataclass
+class Start:
+    """Where a run starts: a new run directory at epoch 0, or a resumed one at its checkpoint."""
+
+    run_dir: RunDirectory
+    summary: TrainingSummary
+    position: Position = dataclasses.field(default_factory=Position)
+    sampling_state: Optional[torch.Tensor] = None  # the sampler's state mid-epoch, to replay its batches
+    previous_seconds: float = 0.0  # wall time before the resume
+
+
+def _begin(prepared: PreparedRun) -> Start:
+    """A new run: its directory, config.json and a fresh summary."""
+    config, plan, data = prepared.config, prepared.plan, prepared.data
+    run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
+    run_dir.write_config({**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(),
+                          "plan": plan.to_dict(), "data_notes": data.notes,
+                          "public_data": data.public.source if data.public else None,
+                          "n_test": len(data.test), "device": str(prepared.device)})
+    return Start(run_dir=run_dir, summary=_new_summary(config, plan, run_dir))
+
+
+def _continue(prepared: PreparedRun, saved: dict) -> Start:
+    """A resumed run: weights, optimizer, accountant and generators from the checkpoint; metrics cut back to
+    it (the steps after it are redone); the summary it had, marked running again."""
+    training, config = prepared.training, prepared.config
+    run_dir = RunDirectory(Path(config.output.out) / config.output.run_id)
+    checkpoint.restore(saved, model=training.base_model, optimizer=training.optimizer.original_optimizer,
+                       accountant=training.privacy_engine.accountant if training.privacy_engine else None,
+                       generators=prepared.generators)
+    position = checkpoint.position_of(saved)
+    run_dir.metrics = list(saved["metrics"])
+    run_dir.rewrite_metrics()  # drop rows written after the checkpoint: those steps are redone
+    if position.partial is None and position.epoch:
+        run_dir.save_model(saved["model"])  # the checkpointed epoch's model, if a kill came before its save
+    summary = TrainingSummary.from_dict(saved["summary"])
+    summary.update(status="running", reason=None, resumed=summary.resumed + 1)
+    return Start(run_dir=run_dir, summary=summary, position=position,
+                 sampling_state=saved["generators"].get("sampling") if position.partial is not None else None,
+                 previous_seconds=summary.wall_seconds or 0.0)
+
+
 def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSummary:
     """Train one configuration end to end and return its summary (also written to summary.json).
 
@@ -164,37 +206,15 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSumm
     started = time.time()
     saved = checkpoint.load(Path(config.output.out) / config.output.run_id) if resume else None
     prepared = _prepare(config, spec, Seeds(**saved["seeds"]) if resume else None)
-    device, data, plan, seeds, training, generators = (prepared.device, prepared.data, prepared.plan, prepared.seeds,
-                                                       prepared.training, prepared.generators)
+    device, data, plan, seeds, training = (prepared.device, prepared.data, prepared.plan, prepared.seeds,
+                                           prepared.training)
     identity = checkpoint.data_identity(data)
     if resume:
         checkpoint.require_same_data(saved, identity, Path(config.output.out) / config.output.run_id)
     robust = config.robust
     transfer_source = load_run_model(robust.transfer_from, spec, device) if robust.transfer_from else None
-    position, sampling_state = Position(), None
-    if resume:
-        run_dir = RunDirectory(Path(config.output.out) / config.output.run_id)
-        checkpoint.restore(saved, model=training.base_model, optimizer=training.optimizer.original_optimizer,
-                           accountant=training.privacy_engine.accountant if training.privacy_engine else None,
-                           generators=generators)
-        position = checkpoint.position_of(saved)
-        if position.partial is not None:
-            sampling_state = saved["generators"].get("sampling")
-        run_dir.metrics = list(saved["metrics"])
-        run_dir.rewrite_metrics()  # drop rows written after the checkpoint: those steps are redone
-        if position.partial is None and position.epoch:
-            run_dir.save_model(saved["model"])  # the checkpointed epoch's model, if a kill came before its save
-        summary = TrainingSummary.from_dict(saved["summary"])
-        summary.update(status="running", reason=None, resumed=summary.resumed + 1)
-        previous_seconds = summary.wall_seconds or 0.0
-    else:
-        run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
-        run_dir.write_config({**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(),
-                              "plan": plan.to_dict(), "data_notes": data.notes,
-                              "public_data": data.public.source if data.public else None,
-                              "n_test": len(data.test), "device": str(device)})
-        summary = _new_summary(config, plan, run_dir)
-        previous_seconds = 0.0
+    start = _continue(prepared, saved) if resume else _begin(prepared)
+    run_dir, summary, position = start.run_dir, start.summary, start.position
     run_dir.write_summary(summary)
     session = RunSession(**vars(prepared), run_dir=run_dir, summary=summary, data_identity=identity,
                          step_limit=budget_step_limit(plan, training.history(), position.step))
@@ -210,7 +230,7 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSumm
 
     try:
         with recording_outcome(summary):
-            _train_epochs(session, position, sampling_state, started, previous_seconds)
+            _train_epochs(session, start, started)
             if robust.masking_checks or transfer_source is not None:
                 summary.masking_checks = run_masking_checks(training.model, data.test, config, device,
                                                             seeds.evaluation, summary.robust_acc, transfer_source)
@@ -219,7 +239,7 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSumm
         if plan.private:
             summary.epsilon_by_accountant = epsilon_by_accountant(training.history(), plan.delta)
             summary.epsilon_gdp_approximation = gdp_approximation(training.history(), plan.delta)
-        summary.wall_seconds = previous_seconds + time.time() - started
+        summary.wall_seconds = start.previous_seconds + time.time() - started
         try:
             run_dir.write_summary(summary)
         except OSError as error:
@@ -229,10 +249,10 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSumm
     return summary
 
 
-def _train_epochs(session: RunSession, position: Position, sampling_state, started: float,
-                  previous_seconds: float) -> None:
-    """The epoch loop from ``position``: train, evaluate, record and checkpoint each epoch; stop at the
+def _train_epochs(session: RunSession, start: Start, started: float) -> None:
+    """The epoch loop from ``start.position``: train, evaluate, record and checkpoint each epoch; stop at the
     privacy budget."""
+    position, sampling_state, previous_seconds = start.position, start.sampling_state, start.previous_seconds
     config, plan, training, run_dir, summary = (session.config, session.plan, session.training,
                                                  session.run_dir, session.summary)
     robust, every = config.robust, config.train.checkpoint_every

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from src.accounting import calibrate_noise, epsilon_from_history, plan_privacy, steps_within_budget
+from src.accounting import (calibrate_noise, epsilon_by_accountant, epsilon_from_history, gdp_approximation, plan_privacy,
+                            steps_within_budget)
 from src.config import build_config
 from src.mnist import DEFAULTS as MNIST_DEFAULTS
 
@@ -38,3 +39,11 @@ def test_planned_run_at_its_target_spends_at_most_the_target():
                               MNIST_DEFAULTS)
         plan = plan_privacy(config, n_train=60000)
         assert plan.epsilon <= 1.2 and plan.epsilon_by_accountant[accountant] == plan.epsilon
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+def test_a_run_that_took_no_step_has_spent_nothing(accountant):
+    """A run that fails before its first step still reports its epsilon (the GDP accountant used to raise on
+    the empty history, hiding the run's own error behind an IndexError)."""
+    assert epsilon_from_history(accountant, [], 1e-5) == 0.0
+    assert gdp_approximation([], 1e-5) == 0.0 and epsilon_by_accountant([], 1e-5) == {"rdp": 0.0, "prv": 0.0}
