@@ -1,4 +1,5 @@
-"""Book-keeping refuses the models it would mis-clip, before any gradient is touched.
+"""dp_layers/bk.py: book-keeping refuses the models it would mis-clip, before any gradient is touched (its
+exact norms, with every other engine's, are in test_engines_exact.py).
 
 Book-keeping (Bu et al. 2023) gives every parameter one per-sample norm from one recorded layer call. A
 parameter reached by two layer calls (a layer called twice, tied weights) would get its norm from the last
