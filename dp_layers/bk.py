@@ -28,6 +28,7 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
+from dp_layers.augmult import current_views, per_view, sum_views, view_share, views_as_tokens
 from dp_layers.norm_rules import CONV_TYPES, conv_factors, conv_plan, conv_weight_norms
 
 ClippedSum = Callable[[torch.Tensor], Dict[nn.Parameter, torch.Tensor]]
@@ -54,19 +55,27 @@ def _scale(backprops: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return backprops * coef.to(backprops.dtype).view(-1, *([1] * (backprops.dim() - 1)))
 
 
-def linear_rule(layer: nn.Linear, activations: List[torch.Tensor], backprops: torch.Tensor) -> tuple:
-    """For (B, features) inputs the norms factorise: ||g_i a_i^T|| = ||g_i|| ||a_i||."""
+def linear_rule(layer: nn.Linear, activations: List[torch.Tensor], backprops: torch.Tensor,
+                views: int = 1) -> tuple:
+    """For (B, features) inputs the norms factorise: ||g_i a_i^T|| = ||g_i|| ||a_i||. With augmult the K
+    rows of an example are its tokens: ||sum_k g_k a_k^T||^2 = sum_kl (g_k . g_l)(a_k . a_l)."""
     a = activations[0].to(backprops.dtype)
     if a.dim() != 2:
-        return generic_rule(layer, activations, backprops)
+        return generic_rule(layer, activations, backprops, views)
+    backprops = view_share(backprops, views)
     norms = {}
     if layer.weight.requires_grad:
-        norms[layer.weight] = backprops.norm(2, dim=1) * a.norm(2, dim=1)
+        if views == 1:
+            norms[layer.weight] = backprops.norm(2, dim=1) * a.norm(2, dim=1)
+        else:
+            g, x = views_as_tokens(backprops, views), views_as_tokens(a, views)
+            gram = torch.einsum("bkp,blp->bkl", g, g) * torch.einsum("bkd,bld->bkl", x, x)
+            norms[layer.weight] = gram.sum(dim=(1, 2)).clamp(min=0).sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
-        norms[layer.bias] = backprops.norm(2, dim=1)
+        norms[layer.bias] = sum_views(backprops, views).norm(2, dim=1)
 
     def clipped_sum(coef):
-        scaled = _scale(backprops, coef)
+        scaled = _scale(backprops, per_view(coef, views))
         grads = {}
         if layer.weight.requires_grad:
             grads[layer.weight] = scaled.t() @ a
@@ -77,10 +86,14 @@ def linear_rule(layer: nn.Linear, activations: List[torch.Tensor], backprops: to
     return norms, clipped_sum
 
 
-def conv_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor) -> tuple:
+def conv_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor,
+              views: int = 1) -> tuple:
+    """Ghost norm or instantiated per-sample gradient, whichever the plan finds cheaper (with augmult, over
+    the K*T positions of an example's views)."""
     x = activations[0].to(backprops.dtype)
-    u, g = conv_factors(layer, x, backprops)
-    plan = conv_plan(layer, x.shape)
+    backprops = view_share(backprops, views)
+    u, g = conv_factors(layer, x, backprops, views=views)
+    plan = conv_plan(layer, x.shape, views=views)
     norms, per_sample = {}, None
     if layer.weight.requires_grad:
         norms[layer.weight], per_sample = conv_weight_norms(plan, u, g)
@@ -97,8 +110,8 @@ def conv_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torc
                 grads[layer.weight] = _weighted_sum(per_sample, coef).reshape(layer.weight.shape)
             else:
                 grads[layer.weight] = CONV_WEIGHT_GRADIENT[type(layer)](
-                    x, layer.weight.shape, _scale(backprops, coef), stride=layer.stride, padding=layer.padding,
-                    dilation=layer.dilation, groups=layer.groups)
+                    x, layer.weight.shape, _scale(backprops, per_view(coef, views)), stride=layer.stride,
+                    padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
         if bias_per_sample is not None:
             grads[layer.bias] = _weighted_sum(bias_per_sample, coef)
         return grads
@@ -106,16 +119,19 @@ def conv_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torc
     return norms, clipped_sum
 
 
-def generic_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor) -> tuple:
+def generic_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor,
+                 views: int = 1) -> tuple:
     """Any other layer: its registered Opacus grad sampler (or functorch) gives per-sample gradients,
-    cheap for the small norm and affine layers this covers."""
+    cheap for the small norm and affine layers this covers (with augmult, summed over each example's views)."""
     sampler = BookKeepingGradSampleModule.GRAD_SAMPLERS.get(type(layer), ft_compute_per_sample_gradient)
-    per_sample = sampler(layer, activations, backprops)
+    per_row = sampler(layer, activations, view_share(backprops, views))
+    per_sample = {p: sum_views(gs, views) for p, gs in per_row.items()}
     norms = {p: gs.reshape(len(gs), -1).norm(2, dim=1) for p, gs in per_sample.items()}
     return norms, lambda coef: {p: _weighted_sum(gs, coef) for p, gs in per_sample.items()}
 
 
-def _empty_batch_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor) -> tuple:
+def _empty_batch_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor,
+                      views: int = 1) -> tuple:
     params = [p for _, p in trainable_parameters(layer)]
 
     def clipped_sum(coef):
@@ -169,15 +185,17 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
     def clipped_backward(self, per_sample_losses: torch.Tensor) -> None:
         records, self._records = self._records, []  # a refused step must not poison the next one
         self.check_records(records)  # before any .grad or _norm_sample is touched: a refused step changes nothing
-        n = per_sample_losses.shape[0]
+        n, views = per_sample_losses.shape[0], current_views()  # examples; augmult views of each (dp_layers.augmult)
         reduced = per_sample_losses.mean() if self.loss_reduction == "mean" else per_sample_losses.sum()
         output_grads = torch.autograd.grad(reduced, [output for _, _, output in records], allow_unused=True)
-        scale = n if self.loss_reduction == "mean" else 1  # gradients of the per-example losses themselves
+        # Per-view gradients of the per-view losses (as Opacus's hooks scale them); each rule takes 1/K of
+        # them as the view's share of its example's gradient.
+        scale = n * views if self.loss_reduction == "mean" else views
         clipped_sums = []
         for (module, activations, output), grad in zip(records, output_grads):
             backprops = torch.zeros_like(output) if grad is None else grad.detach() * scale
             rule = _empty_batch_rule if n == 0 else _rule_for(module)
-            norms, clipped_sum = rule(module, activations, backprops)
+            norms, clipped_sum = rule(module, activations, backprops, views)
             for param, norm in norms.items():
                 param._norm_sample = norm
             clipped_sums.append(clipped_sum)

@@ -11,6 +11,10 @@ materialises per-sample gradients. Here, registered through ``register_norm_samp
   stages 1-2 and ghosts stages 3-4; LeNet-5 instantiates both convolutions.
 - GroupNorm, LayerNorm, InstanceNorm and the public BatchNorm's ChannelAffine: their per-sample gradients
   are only (B, channels), so the norm is taken from them directly.
+- Linear: Opacus's own ghost norm, after grouping augmult views into tokens.
+
+Every rule is exact under augmentation multiplicity (``dp_layers.augmult``): the K views of an example are
+grouped (as positions, tokens or a sum) before any norm is taken.
 
 ``OPACUS_NORM_SAMPLERS`` keeps Opacus's own rules from before these registrations, so the stock ghost
 engine can still be run (and benchmarked) in the same process.
@@ -28,6 +32,7 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 from opacus.utils.tensor_utils import unfold2d, unfold3d
 from torch import nn
 
+from dp_layers.augmult import current_views, sum_views, view_share, views_as_positions, views_as_tokens
 from dp_layers.public_bn import ChannelAffine
 
 OPACUS_NORM_SAMPLERS = dict(GradSampleHooksFastGradientClipping.NORM_SAMPLERS)
@@ -59,7 +64,20 @@ def small_layer_norm_sample(layer: nn.Module, activations: List[torch.Tensor],
                             backprops: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
     """Norm layers and ChannelAffine hold a few parameters per channel: their (B, C) per-sample
     gradients are as cheap as any Gram matrix, so the norm is read off them."""
-    return _norms_of(GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, activations, backprops))
+    k = current_views()
+    per_row = GradSampleModule.GRAD_SAMPLERS[type(layer)](layer, activations, view_share(backprops, k))
+    return _norms_of({p: sum_views(g, k) for p, g in per_row.items()})
+
+
+@register_norm_sampler(nn.Linear)
+def linear_norm_sample(layer: nn.Linear, activations: List[torch.Tensor],
+                       backprops: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+    """Opacus's ghost norm for Linear; with augmult, an example's K rows are the tokens of one sample."""
+    k = current_views()
+    opacus_rule = OPACUS_NORM_SAMPLERS[nn.Linear]
+    if k == 1:
+        return opacus_rule(layer, activations, backprops)
+    return opacus_rule(layer, [views_as_tokens(activations[0], k)], views_as_tokens(view_share(backprops, k), k))
 
 
 @dataclass(frozen=True)
@@ -90,8 +108,8 @@ def _as_tuple(value, n: int) -> tuple:
 
 @lru_cache(maxsize=None)
 def _plan(kernel: tuple, stride: tuple, padding, dilation: tuple, in_channels: int, out_channels: int,
-          groups: int, spatial: tuple) -> ConvPlan:
-    positions = 1
+          groups: int, spatial: tuple, views: int) -> ConvPlan:
+    positions = views  # augmult: an example's views are more of its positions
     for size, k, s, dl, pad in zip(spatial, kernel, stride, dilation, _padding_pairs(padding, kernel, dilation)):
         positions *= (size + pad[0] + pad[1] - dl * (k - 1) - 1) // s + 1
     d = in_channels // groups * math.prod(kernel)
@@ -113,18 +131,20 @@ def _padding_pairs(padding, kernel: tuple, dilation: tuple) -> list:
     return [(p, p) for p in padding]
 
 
-def conv_plan(layer: nn.Module, input_shape: tuple) -> ConvPlan:
-    """The cached per-layer decision for a (C, *spatial) or (B, C, *spatial) input shape."""
+def conv_plan(layer: nn.Module, input_shape: tuple, views: int = 1) -> ConvPlan:
+    """The cached per-layer decision for a (C, *spatial) or (B, C, *spatial) input shape, with ``views``
+    augmult views per example."""
     n = len(layer.kernel_size)
     spatial = tuple(input_shape[-n:])
     padding = layer.padding if isinstance(layer.padding, str) else _as_tuple(layer.padding, n)
     return _plan(tuple(layer.kernel_size), _as_tuple(layer.stride, n), padding, _as_tuple(layer.dilation, n),
-                 layer.in_channels, layer.out_channels, layer.groups, spatial)
+                 layer.in_channels, layer.out_channels, layer.groups, spatial, views)
 
 
-def conv_factors(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor) -> tuple:
+def conv_factors(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor, views: int = 1) -> tuple:
     """(U, G): unfolded input (B, groups, d, T) and output gradient (B, groups, p, T) of a convolution,
-    so that the per-sample weight gradient of group g is G[:, g] @ U[:, g]^T."""
+    so that the per-sample weight gradient of group g is G[:, g] @ U[:, g]^T. With ``views`` > 1 the rows
+    are B*K views and T becomes K*T positions per example (``backprops`` already scaled by 1/K)."""
     n, groups = x.shape[0], layer.groups
     if isinstance(layer, nn.Conv2d):
         unfolded = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
@@ -139,7 +159,7 @@ def conv_factors(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor) -> 
     positions = unfolded.shape[-1]
     u = unfolded.reshape(n, groups, -1, positions)
     g = backprops.reshape(n, groups, -1, positions)
-    return u, g
+    return views_as_positions(u, views), views_as_positions(g, views)
 
 
 def conv_weight_norms(plan: ConvPlan, u: torch.Tensor, g: torch.Tensor) -> tuple:
@@ -161,9 +181,10 @@ def conv_norm_sample(layer: nn.Module, activations: List[torch.Tensor],
     if x.shape[0] == 0:  # an empty Poisson batch
         empty = torch.zeros(0, device=x.device, dtype=x.dtype)
         return {p: empty for p in layer.parameters() if p.requires_grad}
-    u, g = conv_factors(layer, x, backprops)
+    k = current_views()
+    u, g = conv_factors(layer, x, view_share(backprops, k), views=k)
     if layer.weight.requires_grad:
-        norms[layer.weight], _ = conv_weight_norms(conv_plan(layer, x.shape), u, g)
+        norms[layer.weight], _ = conv_weight_norms(conv_plan(layer, x.shape, views=k), u, g)
     if layer.bias is not None and layer.bias.requires_grad:
         norms[layer.bias] = g.sum(dim=3).reshape(len(g), -1).norm(2, dim=1)
     return norms

@@ -6,7 +6,7 @@ when CIFAR-100 is not on disk.
 """
 from __future__ import annotations
 
-from src.dataset_spec import DatasetSpec
+from src.dataset_spec import Augmentation, DatasetSpec
 from src.errors import UserError
 
 # torch, torchvision and the loaders are imported inside the functions below, when first used: declaring the
@@ -88,4 +88,5 @@ DATASET = DatasetSpec(
     public_default="the first --public-size CIFAR-100 training images, or with --public-holdout the last "
                    "--public-size CIFAR-10 training images (removed from the private set)",
     supports_public_holdout=True,
+    augmentation=Augmentation(padding=4, flip=True),  # the standard CIFAR-10 augmentation (De et al. 2022)
 )

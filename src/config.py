@@ -127,6 +127,18 @@ class TrainConfig:
     checkpoint_every: Optional[int] = setting(None, metavar="STEPS",
                                               help="also checkpoint every STEPS optimizer steps (every epoch end "
                                                    "always is)")
+    # The recipe of De et al. 2022 ("Unlocking high-accuracy differentially private image classification
+    # through scale"): augmentation, augmentation multiplicity, an average of the weights.
+    augment: bool = setting(False, help="augment training batches on the training device: random crop of the "
+                                        "reflect-padded image and horizontal flip (cifar10), small random shifts "
+                                        "(mnist)")
+    augmult: int = setting(1, metavar="K", help="augmentation multiplicity: each sampled example is seen in K "
+                                                "augmented views and its gradient is their mean, clipped once "
+                                                "(privacy accounting unchanged); --physical-batch-size counts "
+                                                "examples, each K rows")
+    ema: Optional[float] = setting(None, metavar="DECAY",
+                                   help="also evaluate an exponential moving average of the weights with this decay "
+                                        "(post-processing: free in privacy)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -333,6 +345,12 @@ def validate(config: Config) -> None:
     _require(t.public_refresh_every >= 1, f"--public-refresh-every must be at least 1, got {t.public_refresh_every}")
     _require(t.checkpoint_every is None or t.checkpoint_every >= 1,
              f"--checkpoint-every must be at least 1, got {t.checkpoint_every}")
+    _require(t.augmult >= 1, f"--augmult must be at least 1, got {t.augmult}")
+    _require(t.augmult == 1 or t.augment, f"--augmult {t.augmult} averages augmented views: it needs --augment")
+    _require(t.augmult == 1 or p.engine != "ghost",
+             "--engine ghost is stock Opacus, whose norm rules clip each augmult view on its own; use --engine "
+             "mixed-ghost (ghost clipping with rules that group an example's views), bk, hooks or functorch")
+    _require(t.ema is None or 0 < t.ema < 1, f"--ema must be in (0, 1), got {t.ema}")
     _require(t.lr > 0, f"--lr must be positive, got {t.lr}")
     _require(0 <= t.momentum < 1, f"--momentum must be in [0, 1), got {t.momentum}")
     _require(not (t.optimizer == "adam" and t.momentum != 0),

@@ -10,6 +10,17 @@ from src.errors import UserError
 
 
 @dataclass(frozen=True)
+class Augmentation:
+    """How ``--augment`` transforms a training image of this dataset (``src.augment``)."""
+
+    padding: int  # random crop of the image padded by this many pixels: shifts of up to ``padding``
+    flip: bool  # random horizontal flip (not for digits)
+
+    def describe(self) -> str:
+        return f"random crop with {self.padding}-pixel reflect padding" + (", horizontal flip" if self.flip else "")
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """What a per-dataset module in ``src/`` declares: its model, data, public data and defaults."""
 
@@ -21,6 +32,7 @@ class DatasetSpec:
     build_model: Callable  # (ModelConfig) -> nn.Module
     load: Callable  # (DataConfig, with_public: bool) -> LoadedData
     public_default: str  # one line saying where public data comes from by default
+    augmentation: Augmentation  # what --augment does to its training images
     supports_public_holdout: bool = False
 
     def planned_train_size(self, data_config) -> int:

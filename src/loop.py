@@ -15,8 +15,10 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tqdm import tqdm
 
 from attacks.adversarial import AdversarialBatches
+from dp_layers.augmult import views_per_example
 from dp_layers import has_public_batchnorm, refresh_public_statistics
 from src.checkpoint import EpochProgress, resumed_sampling
+from src.augment import AugmentedViews
 from src.data import PublicData
 from src.errors import TrainingStopped
 from src.privacy import Training
@@ -52,23 +54,31 @@ class BatchStats:
 
 
 def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tensor,
-                   adversarial: Optional[AdversarialBatches] = None, *,
+                   adversarial: Optional[AdversarialBatches] = None, *, views: Optional[AugmentedViews] = None,
                    with_stats: bool = False) -> Optional[BatchStats]:
     """Forward/backward on one physical batch and ``optimizer.step()`` (a real step only at the end of a
-    logical batch). With ``adversarial`` (robust training) the batch is first attacked against the current
-    weights. With ``with_stats`` it returns the batch's loss and correct count (else None: nothing about
-    the private batch is read outside the DP mechanism, not even to decide to stop).
+    logical batch). With ``views`` (--augment, --augmult) the model trains on K augmented views of each
+    example, and every engine clips the mean of an example's view gradients once (``dp_layers.augmult``).
+    With ``adversarial`` (robust training) the rows are then attacked against the current weights. With
+    ``with_stats`` it returns the batch's loss and correct count, averaged over views (else None: nothing
+    about the private batch is read outside the DP mechanism, not even to decide to stop).
     """
-    if adversarial is not None:
-        images = adversarial(training.model, images, labels)
-    training.optimizer.zero_grad()
-    logits = training.model(images)
-    stats = None
-    if with_stats:
-        stats = BatchStats(F.cross_entropy(logits.detach(), labels, reduction="sum").item() if len(labels) else 0.0,
-                           (logits.detach().argmax(dim=1) == labels).sum().item())
-    training.criterion(logits, labels).backward()
-    training.optimizer.step()
+    k = 1
+    if views is not None:
+        images, labels = views(images, labels)
+        k = views.views
+    with views_per_example(k):
+        if adversarial is not None:
+            images = adversarial(training.model, images, labels)
+        training.optimizer.zero_grad()
+        logits = training.model(images)
+        stats = None
+        if with_stats:
+            loss_sum = F.cross_entropy(logits.detach(), labels, reduction="sum").item() if len(labels) else 0.0
+            stats = BatchStats(loss_sum / k, (logits.detach().argmax(dim=1) == labels).sum().item() / k)
+        training.criterion(logits, labels).backward()
+        training.group_views(k)
+        training.optimizer.step()
     return stats
 
 
@@ -134,7 +144,7 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
             if run.refresh_public is not None and starts_logical_batch and step % refresh_every == 0:
                 run.refresh_public()
             stats = _physical_step(training, images.to(device), labels.to(device), run.adversarial,
-                                   with_stats=with_stats)
+                                   views=run.views, with_stats=with_stats)
             if stats is not None:
                 progress.loss_sum += stats.loss_sum
                 progress.correct += stats.correct

@@ -2,7 +2,7 @@
 study of DP and robust training with BatchNorm)."""
 from __future__ import annotations
 
-from src.dataset_spec import DatasetSpec
+from src.dataset_spec import Augmentation, DatasetSpec
 
 # torch, torchvision and the loaders are imported inside the functions below, when first used: declaring the
 # dataset (its defaults, for --help and flag errors) must stay instant.
@@ -79,4 +79,5 @@ DATASET = DatasetSpec(
     build_model=build_model,
     load=load,
     public_default="the first --public-size KMNIST training images (torchvision KMNIST under --data-root)",
+    augmentation=Augmentation(padding=2, flip=False),  # small shifts: a digit mirrored is another symbol
 )

@@ -19,6 +19,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dp_layers.augmult import ViewAveragedCrossEntropy, mean_views
 from dp_layers.bk import BookKeepingGradSampleModule, BookKeepingLoss, UnsupportedModelError
 from dp_layers.norm_rules import OPACUS_NORM_SAMPLERS
 from src.accounting import PrivacyPlan, quiet_accounting
@@ -72,11 +73,12 @@ class SumOverExpectedBatch:
     keeps private and non-private runs of the same seed comparable update for update.
     """
 
-    def __init__(self, expected_batch_size: int):
-        self.expected_batch_size = expected_batch_size
+    def __init__(self, expected_batch_size: int, views: int = 1):
+        self.expected_batch_size, self.views = expected_batch_size, views
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, reduction="sum") / self.expected_batch_size
+        """With augmult (``views`` rows per example) an example's loss is the mean over its views."""
+        return F.cross_entropy(logits, labels, reduction="sum") / (self.views * self.expected_batch_size)
 
 
 @dataclass
@@ -88,11 +90,23 @@ class Training:
     train_loader: DataLoader  # Poisson-sampled logical batches (Opacus's sampler for every engine)
     criterion: Callable  # (logits, labels) -> loss whose .backward() produces the (clipped) gradient
     privacy_engine: Optional[PrivacyEngine]
+    per_row_gradients: bool = False  # hooks, functorch: Opacus materialises one gradient per row in grad_sample
 
     @property
     def base_model(self) -> nn.Module:
         """The plain model without Opacus wrappers (what model.pt stores)."""
         return getattr(self.model, "_module", self.model)
+
+    def group_views(self, views: int) -> None:
+        """Augmult (``dp_layers.augmult``): after the backward pass, turn the per-row gradients that hooks and
+        functorch leave in ``grad_sample`` into per-example ones (the mean over each example's views), so
+        Opacus clips each example's gradient once. The ghost-norm engines group inside their rules."""
+        if views == 1 or not self.per_row_gradients:
+            return
+        for param in self.base_model.parameters():
+            per_row = getattr(param, "grad_sample", None)
+            if per_row is not None:
+                param.grad_sample = mean_views(per_row, views)
 
     def took_step(self) -> bool:
         """Whether the last ``optimizer.step()`` ended a logical batch (BatchMemoryManager skips the others)."""
@@ -131,7 +145,8 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
         poisson_loader = _poisson_loader(train_set, plan, sampling_generator)
         _check_schedule(poisson_loader, plan)
         return Training(model=model, optimizer=NonPrivateOptimizer(optimizer), train_loader=poisson_loader,
-                        criterion=SumOverExpectedBatch(plan.expected_batch_size), privacy_engine=None)
+                        criterion=SumOverExpectedBatch(plan.expected_batch_size, config.train.augmult),
+                        privacy_engine=None)
     secure = config.privacy.secure_rng
     if secure:
         require_secure_rng()
@@ -156,8 +171,11 @@ def _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generat
     """hooks, functorch, ghost and mixed-ghost: ``PrivacyEngine.make_private`` with Opacus's modes."""
     engine_name = config.privacy.engine
     mode = ENGINES[engine_name].opacus_mode
+    # Per-example losses (the mean over an example's augmult views): ghost clipping weights each by its
+    # example's clipping factor. Hooks and functorch group their per-row gradients instead (group_views).
     wrapped = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+        module=model, optimizer=optimizer, data_loader=loader,
+        criterion=ViewAveragedCrossEntropy(config.train.augmult) if mode == "ghost" else nn.CrossEntropyLoss(),
         noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip, poisson_sampling=False,
         grad_sample_mode=mode, noise_generator=noise_generator)
     # ``loader`` already samples at the plan's rate from the right generator (the CSPRNG in secure mode, where
@@ -170,7 +188,7 @@ def _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generat
     else:
         (private_model, dp_optimizer, _), criterion = wrapped, nn.CrossEntropyLoss()
     return Training(model=private_model, optimizer=dp_optimizer, train_loader=loader,
-                    criterion=criterion, privacy_engine=engine)
+                    criterion=criterion, privacy_engine=engine, per_row_gradients=mode != "ghost")
 
 
 def _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator) -> Training:
@@ -184,7 +202,8 @@ def _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_g
         generator=engine.secure_rng if engine.secure_mode else noise_generator, secure_mode=engine.secure_mode)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     return Training(model=module, optimizer=dp_optimizer, train_loader=loader,
-                    criterion=BookKeepingLoss(module, nn.CrossEntropyLoss()), privacy_engine=engine)
+                    criterion=BookKeepingLoss(module, ViewAveragedCrossEntropy(config.train.augmult)),
+                    privacy_engine=engine)
 
 
 def check_engine_supports(training: Training, train_set) -> None:

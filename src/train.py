@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from attacks.adversarial import AdversarialBatches
 from attacks.robust_eval import masking_checks, robust_accuracy
+from src.augment import AugmentedViews
 from src import checkpoint
 from src import datasets as dataset_registry
 from src.accounting import (PrivacyPlan, budget_step_limit, epsilon_after_next_step, epsilon_by_accountant,
@@ -52,11 +53,13 @@ class Seeds:
     noise: int
     attack: int  # random starts and --adv-ratio draws of robust training
     evaluation: int  # random starts of robust evaluation
+    augmentation: int = 0  # --augment's crops and flips (0 in checkpoints written before it existed)
 
 
 def derive_seeds(seed: Optional[int]) -> Seeds:
     root = secrets.randbits(128) if seed is None else seed
-    streams = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(root).spawn(5))
+    # Child i of a SeedSequence depends on i only, so a stream added later leaves the earlier ones unchanged.
+    streams = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(root).spawn(6))
     return Seeds(*streams)
 
 
@@ -82,6 +85,7 @@ class PreparedRun:
     generators: dict
     adversarial: Optional[AdversarialBatches]
     refresh_public: Optional[Callable[[], None]]
+    views: Optional[AugmentedViews] = None  # --augment (and --augmult): what the model trains on per batch
 
 
 @dataclass
@@ -135,8 +139,12 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
     if robust.robust:
         generators["attack"] = torch.Generator(device=device).manual_seed(seeds.attack)
         adversarial = AdversarialBatches(robust.train_attack(), robust.adv_ratio, generators["attack"])
+    views = None
+    if config.train.augment:
+        generators["augmentation"] = torch.Generator(device=device).manual_seed(seeds.augmentation)
+        views = AugmentedViews(spec.augmentation, config.train.augmult, generators["augmentation"])
     return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training,
-                       generators=generators, adversarial=adversarial, refresh_public=refresh_public)
+                       generators=generators, adversarial=adversarial, refresh_public=refresh_public, views=views)
 
 
 def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> TrainingSummary:

@@ -1,9 +1,11 @@
 """Every engine's per-sample gradient norms equal brute-force per-example backward passes (float64), for
-every layer type of both models under every normalization; and the noise-free DP update of every engine
-equals the brute-force clipped mean."""
+every layer type of both models under every normalization, also with augmentation multiplicity (an example's
+gradient is the mean over its K views); and the noise-free DP update of every engine equals the brute-force
+clipped mean."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
 from dp_layers import refresh_public_statistics
+from dp_layers.augmult import ViewAveragedCrossEntropy, mean_views, views_per_example
 from dp_layers.bk import BookKeepingGradSampleModule, BookKeepingLoss
 from dp_layers.norm_rules import OPACUS_NORM_SAMPLERS
 from src import cifar10, mnist
@@ -19,6 +22,8 @@ from src.config import ModelConfig, build_config
 from src.data import ImageTensorDataset
 from src.accounting import plan_privacy
 from src.engines import PRIVATE_ENGINES  # every private engine in the registry
+from src.augment import AugmentedViews
+from src.loop import _physical_step
 from src.privacy import attach
 
 NORMS = ["none", "group", "layer", "instance", "bn-public"]
@@ -34,23 +39,30 @@ def build(dataset: str, norm: str, dtype=torch.float64):
     return model
 
 
-def brute_force(model, images, labels):
-    """Per-example gradients from separate backward passes: (list of per-param (B, ...) tensors, norms)."""
+def brute_force(model, images, labels, views: int = 1):
+    """Per-example gradients from separate backward passes: (list of per-param (B, ...) tensors, norms).
+    With ``views`` K, rows i*K .. i*K+K-1 are the views of example i, whose loss is their mean."""
     params = [p for p in model.parameters() if p.requires_grad]
-    per_example = [torch.autograd.grad(F.cross_entropy(model(images[i:i + 1]), labels[i:i + 1]), params)
-                   for i in range(len(images))]
+    rows = [slice(i * views, (i + 1) * views) for i in range(len(images) // views)]
+    per_example = [torch.autograd.grad(F.cross_entropy(model(images[r]), labels[r]), params) for r in rows]
     stacked = [torch.stack(g) for g in zip(*per_example)]
     norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in grads)) for grads in per_example])
     return stacked, norms
 
 
-def engine_norms(engine: str, model, images, labels) -> torch.Tensor:
-    """Per-sample gradient norms as the engine computes them for clipping."""
+def engine_norms(engine: str, model, images, labels, views: int = 1) -> torch.Tensor:
+    """Per-sample gradient norms as the engine computes them for clipping (with ``views`` augmult views per
+    example, as the training loop runs it: inside ``views_per_example``)."""
+    with views_per_example(views):
+        return _engine_norms(engine, model, images, labels, views)
+
+
+def _engine_norms(engine: str, model, images, labels, views: int) -> torch.Tensor:
     if engine in ("hooks", "functorch"):
         wrapped = GradSampleModule(model, loss_reduction="mean", force_functorch=engine == "functorch")
         F.cross_entropy(wrapped(images), labels).backward()
-        norms = torch.stack([p.grad_sample.reshape(len(images), -1).norm(dim=1).pow(2)
-                             for p in model.parameters()]).sum(0).sqrt()
+        per_example = [mean_views(p.grad_sample, views) for p in model.parameters()]  # Training.group_views
+        norms = torch.stack([g.reshape(len(g), -1).norm(dim=1).pow(2) for g in per_example]).sum(0).sqrt()
     elif engine in ("ghost", "mixed-ghost"):
         wrapped = GradSampleModuleFastGradientClipping(model, loss_reduction="mean", max_grad_norm=1.0)
         if engine == "ghost":
@@ -59,7 +71,7 @@ def engine_norms(engine: str, model, images, labels) -> torch.Tensor:
         norms = wrapped.get_norm_sample()
     else:
         wrapped = BookKeepingGradSampleModule(model, loss_reduction="mean", max_grad_norm=1.0)
-        BookKeepingLoss(wrapped, torch.nn.CrossEntropyLoss())(wrapped(images), labels).backward()
+        BookKeepingLoss(wrapped, ViewAveragedCrossEntropy(views))(wrapped(images), labels).backward()
         norms = wrapped.per_sample_gradient_norms
     wrapped._close()
     model.zero_grad(set_to_none=True)
@@ -84,46 +96,93 @@ def test_per_sample_norms_of_every_engine_are_exact(dataset, norm):
         assert relative <= 1e-6, f"{dataset}/{norm}/{engine}: relative error {relative:.2e}"
 
 
-def noise_free_update(engine: str, norm: str, images, labels, clip: float) -> dict:
-    """Weights change after one noise-free DP-SGD step (SGD, lr 1) through the real attach() path."""
+AUGMULT_ENGINES = [e for e in PRIVATE_ENGINES if e != "ghost"]  # stock Opacus ghost is refused with --augmult
+AUGMULT = {"mnist": (2, 3), "cifar10": (2, 2)}  # (examples, views per example)
+
+
+@pytest.mark.parametrize("dataset", list(MODELS))
+@pytest.mark.parametrize("norm", NORMS)
+def test_augmult_norms_of_every_engine_are_exact(dataset, norm):
+    """The norm each engine clips is that of the mean of an example's K view gradients (cross terms
+    between views included), not of each view's."""
+    _, shape, _ = MODELS[dataset]
+    examples, views = AUGMULT[dataset]
+    model = build(dataset, norm)
+    torch.manual_seed(3)
+    images = torch.rand(examples * views, *shape, dtype=torch.float64)
+    labels = torch.randint(0, 10, (examples,)).repeat_interleave(views)
+    _, expected = brute_force(model, images, labels, views)
+    per_view = brute_force(model, images, labels)[1]
+    assert not torch.allclose(per_view[::views], expected)  # the grouping matters for this test to mean anything
+    for engine in AUGMULT_ENGINES:
+        got = engine_norms(engine, model, images, labels, views)
+        assert got.shape == (examples,), f"{dataset}/{norm}/{engine}: {tuple(got.shape)}"
+        relative = ((got - expected).abs() / expected).max().item()
+        assert relative <= 1e-6, f"{dataset}/{norm}/{engine}: relative error {relative:.2e}"
+
+
+def noise_free_update(engine: str, norm: str, images, labels, clip: float, views: Optional[AugmentedViews] = None):
+    """Weights change after one noise-free DP-SGD step (SGD, lr 1) through the real attach() path and the
+    training loop's physical step (physical batches of 2 examples, as BatchMemoryManager splits them); with
+    ``views``, each example is trained on as its augmult views."""
     spec = mnist.DATASET
+    augmult = {"augment": True, "augmult": views.views} if views else {}
     config = build_config({"dataset": "mnist", "engine": engine, "norm": norm, "noise": 1.0, "clip": clip,
                            "batch_size": len(images), "physical_batch_size": 2, "lr": 1.0, "momentum": 0.0,
-                           "epochs": 1}, spec.defaults)
+                           "epochs": 1, **augmult}, spec.defaults)
     data = ImageTensorDataset((images * 255).round().to(torch.uint8), labels)
     plan = dataclasses.replace(plan_privacy(config, len(data)), noise_multiplier=0.0)
     model = build("mnist", norm, dtype=torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     training = attach(model, data, config, plan, sampling_generator=torch.Generator().manual_seed(0),
                       noise_generator=torch.Generator().manual_seed(0))
-    # One logical batch of every example, split into physical batches of 2 as BatchMemoryManager would.
     physical = list(range(0, len(data), 2))
     training.optimizer.zero_grad()
     for start in physical:
         x, y = data.__getitems__(range(start, min(start + 2, len(data))))
         training.optimizer.signal_skip_step(do_skip=start != physical[-1])
-        training.criterion(training.model(x), y).backward()
-        training.optimizer.step()
-        training.optimizer.zero_grad()
+        _physical_step(training, x, y, views=views)
     after = training.base_model.state_dict()
     return {k: before[k] - after[k] for k in before if before[k].is_floating_point()}, plan
+
+
+def _clipped_mean_matches(norm, images, labels, views_seed=None, views=1):
+    """Every private engine's noise-free update equals the brute-force clipped mean of per-example gradients
+    (each the mean over the example's augmult views when ``views`` > 1)."""
+    model = build("mnist", norm, dtype=torch.float32)
+    rows, row_labels = images, labels
+    if views > 1:  # the views the step will draw: the same generator, the same physical batches
+        draw = AugmentedViews(mnist.DATASET.augmentation, views, torch.Generator().manual_seed(views_seed))
+        drawn = [draw(images[i:i + 2], labels[i:i + 2]) for i in range(0, len(images), 2)]
+        rows, row_labels = torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+    per_sample, norms = brute_force(model, rows, row_labels, views)
+    clip = norms.median().item()  # some examples clipped, some not
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    names = [name for name, p in model.named_parameters()]
+    engines = PRIVATE_ENGINES if views == 1 else AUGMULT_ENGINES
+    for engine in engines:
+        step_views = (AugmentedViews(mnist.DATASET.augmentation, views, torch.Generator().manual_seed(views_seed))
+                      if views > 1 else None)
+        update, plan = noise_free_update(engine, norm, images, labels, clip, step_views)
+        for name, grads in zip(names, per_sample):
+            expected = torch.einsum("b,b...->...", factors, grads) / plan.expected_batch_size
+            assert torch.allclose(update[name], expected, rtol=1e-4, atol=1e-7), f"{engine}/{norm}/{name}"
 
 
 @pytest.mark.parametrize("norm", ["none", "bn-public"])
 def test_noise_free_update_equals_brute_force_clipped_mean(norm):
     torch.manual_seed(2)
     images = (torch.rand(6, 1, 28, 28) * 255).round() / 255
-    labels = torch.randint(0, 10, (6,))
-    model = build("mnist", norm, dtype=torch.float32)
-    per_sample, norms = brute_force(model, images, labels)
-    clip = norms.median().item()  # some examples clipped, some not
-    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
-    names = [name for name, p in model.named_parameters()]
-    for engine in PRIVATE_ENGINES:
-        update, plan = noise_free_update(engine, norm, images, labels, clip)
-        for name, grads in zip(names, per_sample):
-            expected = torch.einsum("b,b...->...", factors, grads) / plan.expected_batch_size
-            assert torch.allclose(update[name], expected, rtol=1e-4, atol=1e-7), f"{engine}/{norm}/{name}"
+    _clipped_mean_matches(norm, images, torch.randint(0, 10, (6,)))
+
+
+@pytest.mark.parametrize("norm", ["none", "group"])
+def test_augmult_update_through_the_training_step_equals_brute_force(norm):
+    """The whole step with --augment --augmult 3: views drawn, each example's view gradients averaged,
+    clipped once, summed; the same in every engine that supports augmult."""
+    torch.manual_seed(2)
+    images = (torch.rand(6, 1, 28, 28) * 255).round() / 255
+    _clipped_mean_matches(norm, images, torch.randint(0, 10, (6,)), views_seed=5, views=3)
 
 
 class _Reshape(torch.nn.Module):
