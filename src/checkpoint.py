@@ -115,10 +115,12 @@ def require_same_data(checkpoint: dict, identity: dict, run_path: Path) -> None:
 
 
 def capture(*, model: torch.nn.Module, optimizer, history: list, generators: dict, position: Position,
-            metrics: list, summary: dict, seeds: dict, data_identity: dict) -> dict:
-    """The checkpoint as a plain dict of tensors and Python values (loadable with ``weights_only=True``)."""
+            metrics: list, summary: dict, seeds: dict, data_identity: dict, ema=None) -> dict:
+    """The checkpoint as a plain dict of tensors and Python values (loadable with ``weights_only=True``);
+    ``ema``: the --ema average of the weights (torch's AveragedModel), with its update count."""
     return {"version": FORMAT_VERSION,
             "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "accountant_history": [tuple(entry) for entry in history],
             "rng": _global_rng_state(),
@@ -156,10 +158,13 @@ def position_of(checkpoint: dict) -> Position:
                     partial=EpochProgress(**p["partial"]) if p["partial"] else None)
 
 
-def restore(checkpoint: dict, *, model: torch.nn.Module, optimizer, accountant, generators: dict) -> None:
-    """Put model, optimizer, accountant and the global random streams back. The run's generators are
-    restored here too except sampling mid-epoch (see ``resumed_sampling``)."""
+def restore(checkpoint: dict, *, model: torch.nn.Module, optimizer, accountant, generators: dict,
+            ema=None) -> None:
+    """Put model (and its --ema average), optimizer, accountant and the global random streams back. The run's
+    generators are restored here too except sampling mid-epoch (see ``resumed_sampling``)."""
     model.load_state_dict(checkpoint["model"])
+    if ema is not None:
+        ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if accountant is not None:
         accountant.history = [tuple(entry) for entry in checkpoint["accountant_history"]]

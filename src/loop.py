@@ -156,6 +156,8 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
                 except TrainingStopped as stop:
                     raise TrainingStopped(stop.status, f"step {step + 1} (epoch {epoch}): {stop.reason}") from None
                 progress.steps += 1
+                if run.ema is not None:
+                    run.ema.update_parameters(training.base_model)  # the released weights: post-processing
                 bar.update(1)
                 if stats is not None:
                     bar.set_postfix(loss_unprotected=f"{progress.loss:.3f}",

@@ -58,6 +58,8 @@ def epoch_line(config: Config, plan: PrivacyPlan, row: dict) -> str:
     if "val_acc" in row:
         parts.append(f"val {row['val_acc']:.2f}%")
     parts.append(f"test {row['test_acc']:.2f}%")
+    if "test_acc_ema" in row:
+        parts.append(f"ema test {row['test_acc_ema']:.2f}%")
     if row["robust_acc"] is not None:
         parts.append(f"robust {row['robust_acc']:.2f}%")
     return "  ".join(parts + [eps_text, f"{row['seconds']:.1f}s"])

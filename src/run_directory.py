@@ -4,6 +4,7 @@
     metrics.jsonl    one row per epoch (rewritten whole, atomically, so never half a line)
     summary.json     status, reason and the final numbers; exists from the first moment as ``running``
     model.pt         the plain ``state_dict`` of the last finished epoch
+    model_ema.pt     with --ema, the average of the weights at that epoch (post-processing of model.pt's steps)
     checkpoint.pt    everything a resume needs (``src.checkpoint``); secret material, never released
 
 Training writes it; ``--resume``, ``--eval-only``/``--transfer-from``, the sweep runner, ``experiments.collect``
@@ -23,6 +24,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
+MODEL_EMA_FILE = "model_ema.pt"  # --ema: the average of the weights, evaluated beside model.pt
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -64,8 +66,8 @@ class RunDirectory:
     def write_summary(self, summary: RunSummary) -> None:
         atomic_write_json(self.path / SUMMARY_FILE, summary.to_dict())
 
-    def save_model(self, state_dict: dict) -> None:
-        atomic_torch_save(self.path / MODEL_FILE, state_dict)
+    def save_model(self, state_dict: dict, averaged: bool = False) -> None:
+        atomic_torch_save(self.path / (MODEL_EMA_FILE if averaged else MODEL_FILE), state_dict)
 
     # Reading. Missing files raise FileNotFoundError and unreadable ones ValueError/OSError, as the callers
     # turn them into their own one-line messages.
@@ -101,7 +103,8 @@ class RunDirectory:
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT_FILE
 
-    def load_model_state(self, map_location=None) -> dict:
+    def load_model_state(self, map_location=None, averaged: bool = False) -> dict:
         import torch
 
-        return torch.load(self.path / MODEL_FILE, map_location=map_location, weights_only=True)
+        return torch.load(self.path / (MODEL_EMA_FILE if averaged else MODEL_FILE), map_location=map_location,
+                          weights_only=True)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 # Keys written only when they hold something (runs without these features keep the summary they had).
-WRITTEN_WHEN_SET = ("masking_checks", "train_loss_unprotected", "train_acc_unprotected")
+WRITTEN_WHEN_SET = ("masking_checks", "train_loss_unprotected", "train_acc_unprotected", "test_loss_ema",
+                    "test_acc_ema", "val_loss_ema", "val_acc_ema", "robust_acc_ema")
 
 
 @dataclass
@@ -80,6 +81,12 @@ class TrainingSummary(RunSummary):
     train_attack: Optional[dict] = None
     adv_ratio: Optional[float] = None
     resumed: int = 0  # times continued with --resume
+    # --ema: the same evaluation of the average of the weights (post-processing, covered by epsilon)
+    test_loss_ema: Optional[float] = None
+    test_acc_ema: Optional[float] = None
+    val_loss_ema: Optional[float] = None
+    val_acc_ema: Optional[float] = None
+    robust_acc_ema: Optional[float] = None
 
 
 @dataclass

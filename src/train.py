@@ -15,11 +15,13 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from attacks.adversarial import AdversarialBatches
 from attacks.robust_eval import masking_checks, robust_accuracy
 from src.augment import AugmentedViews
+from src.ema import weight_average
 from src import checkpoint
 from src import datasets as dataset_registry
 from src.accounting import (PrivacyPlan, budget_step_limit, epsilon_after_next_step, epsilon_by_accountant,
@@ -86,6 +88,8 @@ class PreparedRun:
     adversarial: Optional[AdversarialBatches]
     refresh_public: Optional[Callable[[], None]]
     views: Optional[AugmentedViews] = None  # --augment (and --augmult): what the model trains on per batch
+    ema: Optional[AveragedModel] = None  # --ema: the average of the weights (src.ema)
+    refresh_ema: Optional[Callable[[], None]] = None  # its public BatchNorm statistics (bn-public)
 
 
 @dataclass
@@ -105,7 +109,7 @@ class RunSession(PreparedRun):
             model=self.training.base_model, optimizer=self.training.optimizer.original_optimizer,
             history=self.training.history(), generators=self.generators, position=position,
             metrics=self.run_dir.metrics, summary=self.summary.to_dict(), seeds=dataclasses.asdict(self.seeds),
-            data_identity=self.data_identity))
+            data_identity=self.data_identity, ema=self.ema))
 
 
 def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -> PreparedRun:
@@ -139,12 +143,16 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
     if robust.robust:
         generators["attack"] = torch.Generator(device=device).manual_seed(seeds.attack)
         adversarial = AdversarialBatches(robust.train_attack(), robust.adv_ratio, generators["attack"])
+    with torch.random.fork_rng(devices=[]):  # leaves the global random stream as it was
+        ema = weight_average(spec.build_model(config.model).to(device), config.train.ema)
+    refresh_ema = public_refresher(ema.module, data.public, device) if ema is not None else None
     views = None
     if config.train.augment:
         generators["augmentation"] = torch.Generator(device=device).manual_seed(seeds.augmentation)
         views = AugmentedViews(spec.augmentation, config.train.augmult, generators["augmentation"])
     return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training,
-                       generators=generators, adversarial=adversarial, refresh_public=refresh_public, views=views)
+                       generators=generators, adversarial=adversarial, refresh_public=refresh_public, views=views,
+                       ema=ema, refresh_ema=refresh_ema)
 
 
 def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> TrainingSummary:
@@ -191,7 +199,7 @@ def _continue(prepared: PreparedRun, saved: dict) -> Start:
     run_dir = RunDirectory(Path(config.output.out) / config.output.run_id)
     checkpoint.restore(saved, model=training.base_model, optimizer=training.optimizer.original_optimizer,
                        accountant=training.privacy_engine.accountant if training.privacy_engine else None,
-                       generators=prepared.generators)
+                       generators=prepared.generators, ema=prepared.ema)
     position = checkpoint.position_of(saved)
     run_dir.metrics = list(saved["metrics"])
     run_dir.rewrite_metrics()  # drop rows written after the checkpoint: those steps are redone
@@ -280,39 +288,32 @@ def _train_epochs(session: RunSession, start: Start, started: float) -> None:
                                after_step=after_step)
         step = first_step + progress.steps
         require_finite_weights(training.base_model)  # before evaluating and saving this epoch
-        if session.refresh_public is not None:
-            session.refresh_public()  # evaluate and save with the statistics of the final weights
-        test_loss, test_acc = evaluate(training.model, session.data.test, batch_size=config.train.eval_batch_size,
-                                       device=session.device)
-        val = session.data.val
-        val_loss, val_acc = (evaluate(training.model, val, batch_size=config.train.eval_batch_size,
-                                      device=session.device) if val is not None else (None, None))
         epsilon = (epsilon_from_history(config.privacy.accountant, training.history(), plan.delta)
                    if plan.private else math.inf)
         train_seconds = time.time() - epoch_started
         budget_hit = session.step_limit is not None and step >= session.step_limit and step < plan.steps
-        robust_acc = None
-        if robust.eval_robust_size and (epoch % robust.eval_robust_every == 0 or epoch == config.train.epochs
-                                        or budget_hit):
-            robust_acc = robust_accuracy(training.model, session.data.test, robust.eval_attack(),
-                                         size=robust.eval_robust_size, batch_size=config.train.eval_batch_size,
-                                         device=session.device, seed=session.seeds.evaluation)
-            summary.robust_acc = robust_acc
-        row = {"epoch": epoch, "step": step, "test_loss": test_loss, "test_acc": test_acc, "robust_acc": robust_acc,
-               "epsilon": epsilon, "seconds": time.time() - epoch_started, "train_seconds": train_seconds}
-        if val is not None:
-            row.update(val_loss=val_loss, val_acc=val_acc)
+        with_robust = bool(robust.eval_robust_size) and (epoch % robust.eval_robust_every == 0
+                                                         or epoch == config.train.epochs or budget_hit)
+        row = {"epoch": epoch, "step": step, **_evaluate(session, training.model, session.refresh_public, with_robust)}
+        if session.ema is not None:  # the average of the weights, evaluated the same way (post-processing)
+            evaluated = _evaluate(session, session.ema, session.refresh_ema, with_robust)
+            row.update({f"{key}_ema": value for key, value in evaluated.items()})
+        row.update(epsilon=epsilon, seconds=time.time() - epoch_started, train_seconds=train_seconds)
         if config.output.unprotected_train_stats:
             row.update(train_loss_unprotected=progress.loss, train_acc_unprotected=progress.accuracy)
-        per_epoch_only = ("epoch", "step", "seconds", "train_seconds", "robust_acc")  # robust_acc: set when measured
-        summary.update(**{k: v for k, v in row.items() if k not in per_epoch_only},
+        measured = {k: v for k, v in row.items() if k.startswith("robust_acc") and v is not None}
+        per_epoch_only = ("epoch", "step", "seconds", "train_seconds", "robust_acc", "robust_acc_ema")
+        summary.update(**{k: v for k, v in row.items() if k not in per_epoch_only}, **measured,
                        epochs=epoch, steps=step, wall_seconds=previous_seconds + time.time() - started)
+        test_loss = row["test_loss"]
         # Checkpoint first, then release: a kill between the two resumes after this epoch instead of
         # redoing it with fresh noise (secure RNG, GPU), which would release two versions of one epoch.
         run_dir.metrics.append(json_safe(row))
         session.save_checkpoint(Position(epoch=epoch, step=step))
         run_dir.rewrite_metrics()
         run_dir.save_model(training.base_model.state_dict())
+        if session.ema is not None:
+            run_dir.save_model(session.ema.module.state_dict(), averaged=True)
         session.tracker.log(row, step=step)
         run_dir.write_summary(summary)
         tqdm.write(epoch_line(config, plan, row), file=sys.stdout)
@@ -323,6 +324,26 @@ def _train_epochs(session: RunSession, start: Start, started: float) -> None:
                 f"--max-epsilon {plan.max_epsilon:g} reached: stopped after step {step} of {plan.steps} at epsilon "
                 f"{epsilon:.4g} ({plan.accountant}); step {step + 1} would spend "
                 f"{epsilon_after_next_step(plan, training.history()):.4g}"))
+
+
+def _evaluate(session: RunSession, model: torch.nn.Module, refresh_public: Optional[Callable[[], None]],
+              with_robust: bool) -> dict:
+    """Test (and validation) loss and accuracy of ``model``, and its robust accuracy when due; bn-public
+    models first get the public statistics of their final weights."""
+    config, data, device = session.config, session.data, session.device
+    if refresh_public is not None:
+        refresh_public()
+    test_loss, test_acc = evaluate(model, data.test, batch_size=config.train.eval_batch_size, device=device)
+    result = {"test_loss": test_loss, "test_acc": test_acc, "robust_acc": None}
+    if data.val is not None:
+        result["val_loss"], result["val_acc"] = evaluate(model, data.val, batch_size=config.train.eval_batch_size,
+                                                         device=device)
+    if with_robust:
+        robust = config.robust
+        result["robust_acc"] = robust_accuracy(model, data.test, robust.eval_attack(), size=robust.eval_robust_size,
+                                               batch_size=config.train.eval_batch_size, device=device,
+                                               seed=session.seeds.evaluation)
+    return result
 
 
 def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device) -> torch.nn.Module:

@@ -197,7 +197,8 @@ class _Reshape(torch.nn.Module):
 @pytest.mark.parametrize("layers,shape", [
     ([torch.nn.Conv1d(4, 6, 3, stride=2, padding=1), torch.nn.Tanh(), torch.nn.Conv1d(6, 6, 3, groups=3, dilation=2)],
      (4, 20)),
-    ([torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 4, 2, stride=2, groups=2)], (2, 6, 6, 6)),
+    ([torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv3d(4, 4, 2, stride=2, groups=2)],
+     (2, 6, 6, 6)),
     ([torch.nn.Conv2d(4, 8, 3, groups=2, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 8, 3, stride=2),
       torch.nn.LayerNorm([8, 3, 3])], (4, 8, 8)),
 ])

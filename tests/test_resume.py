@@ -50,7 +50,8 @@ def _metrics(run_dir):
 @pytest.mark.parametrize("extra", [
     ["--engine", "bk"],
     ["--engine", "hooks", "--norm", "bn-public", "--robust", "--attack", "fgsm-rs", "--adv-ratio", "0.5"],
-], ids=["bk", "hooks-bn-public-robust"])
+    ["--engine", "mixed-ghost", "--norm", "bn-public", "--augment", "--augmult", "2", "--ema", "0.9"],
+], ids=["bk", "hooks-bn-public-robust", "mixed-ghost-augmult-ema"])
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(extra, tiny_root, tmp_path):
     reference = run_cli(*_flags(tiny_root, tmp_path, "uninterrupted", extra), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr
@@ -69,10 +70,12 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(extra, tiny_root
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after step {position.step}" in resumed.stdout
 
-    expected, got = torch.load(tmp_path / "uninterrupted" / "model.pt"), torch.load(killed_dir / "model.pt")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), f"{name} differs after resume"
+    files = ["model.pt"] + (["model_ema.pt"] if "--ema" in extra else [])  # the average of the weights too
+    for file in files:
+        expected, got = torch.load(tmp_path / "uninterrupted" / file), torch.load(killed_dir / file)
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert torch.equal(expected[name], got[name]), f"{file}: {name} differs after resume"
     assert _metrics(killed_dir) == _metrics(tmp_path / "uninterrupted")
     summary = json.loads((killed_dir / "summary.json").read_text())
     reference_summary = json.loads((tmp_path / "uninterrupted" / "summary.json").read_text())
