@@ -30,6 +30,7 @@ from torch import nn
 
 from dp_layers.augmult import current_views, per_view, sum_views, view_share, views_as_tokens
 from dp_layers.norm_rules import CONV_TYPES, conv_factors, conv_plan, conv_weight_norms
+from dp_layers.weight_standardization import WSConv2d, raw_weight_gradient, ws_weight_norms
 
 ClippedSum = Callable[[torch.Tensor], Dict[nn.Parameter, torch.Tensor]]
 CONV_WEIGHT_GRADIENT = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2d_weight,
@@ -119,6 +120,39 @@ def conv_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torc
     return norms, clipped_sum
 
 
+def ws_conv_rule(layer: WSConv2d, activations: List[torch.Tensor], backprops: torch.Tensor,
+                 views: int = 1) -> tuple:
+    """Weight-standardized convolution: norms of the raw weight's per-sample gradients (ghost form or
+    instantiated, ``dp_layers.weight_standardization``); the clipped sum is J^T of the clipped sum with
+    respect to the standardized weight, J being the same for every example."""
+    x = activations[0].to(backprops.dtype)
+    weight_norms, raw, g = ws_weight_norms(layer, x, backprops, views)
+    share = view_share(backprops, views)
+    norms, bias_per_sample = {}, None
+    if layer.weight.requires_grad:
+        norms[layer.weight] = weight_norms
+    if layer.bias is not None and layer.bias.requires_grad:
+        bias_per_sample = g.sum(dim=3).reshape(len(g), -1)
+        norms[layer.bias] = bias_per_sample.norm(2, dim=1)
+    del g
+
+    def clipped_sum(coef):
+        grads = {}
+        if layer.weight.requires_grad:
+            if raw is not None:
+                grads[layer.weight] = _weighted_sum(raw, coef)
+            else:
+                summed = CONV_WEIGHT_GRADIENT[nn.Conv2d](
+                    x, layer.weight.shape, _scale(share, per_view(coef, views)), stride=layer.stride,
+                    padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+                grads[layer.weight] = raw_weight_gradient(layer, summed.unsqueeze(0))[0]
+        if bias_per_sample is not None:
+            grads[layer.bias] = _weighted_sum(bias_per_sample, coef)
+        return grads
+
+    return norms, clipped_sum
+
+
 def generic_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor,
                  views: int = 1) -> tuple:
     """Any other layer: its registered Opacus grad sampler (or functorch) gives per-sample gradients,
@@ -143,6 +177,8 @@ def _empty_batch_rule(layer: nn.Module, activations: List[torch.Tensor], backpro
 def _rule_for(layer: nn.Module):
     if isinstance(layer, nn.Linear):
         return linear_rule
+    if isinstance(layer, WSConv2d):
+        return ws_conv_rule
     if isinstance(layer, CONV_TYPES) and not isinstance(layer.padding, str):
         return conv_rule
     return generic_rule

@@ -39,7 +39,7 @@ DEFAULTS = {
 def build_model(model_config):
     from src.models import ResNet18
 
-    return ResNet18(norm=model_config.norm, act=model_config.act, mean=MEAN, std=STD)
+    return ResNet18(norm=model_config.norm, act=model_config.act, mean=MEAN, std=STD, ws=model_config.ws)
 
 
 def load(data_config, with_public: bool):

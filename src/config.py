@@ -104,6 +104,9 @@ class ModelConfig:
     norm: str = setting("none", choices=NORMS, help="normalization layer after every convolution; bn-public is "
                                             "BatchNorm with statistics from the public set")
     act: str = setting("tanh", choices=ACTIVATIONS, help="activation function")
+    ws: bool = setting(False, help="weight-standardized convolutions (Qiao et al. 2019; with --norm group, the "
+                                   "ResNet of De et al. 2022); every engine clips the raw weight's exact "
+                                   "per-sample gradient")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,7 +36,7 @@ DEFAULTS = {
 def build_model(model_config):
     from src.models import LeNet5
 
-    return LeNet5(norm=model_config.norm, act=model_config.act, mean=MEAN, std=STD)
+    return LeNet5(norm=model_config.norm, act=model_config.act, mean=MEAN, std=STD, ws=model_config.ws)
 
 
 def _split(root, *, train, download):

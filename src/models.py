@@ -12,8 +12,14 @@ from torch import nn
 import torch.nn.functional as F
 
 from dp_layers import make_norm
+from dp_layers.weight_standardization import WSConv2d
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def conv(*args, ws: bool = False, **kwargs) -> nn.Conv2d:
+    """A convolution, weight-standardized with ``ws`` (``--ws``; Qiao et al. 2019, De et al. 2022)."""
+    return (WSConv2d if ws else nn.Conv2d)(*args, **kwargs)
 
 
 class Standardize(nn.Module):
@@ -35,13 +41,14 @@ class LeNet5(nn.Module):
     keep gradient norms small and do better under clipping (Papernot et al. 2021).
     """
 
-    def __init__(self, *, norm: str, act: str, mean: Sequence[float], std: Sequence[float], num_classes: int = 10):
+    def __init__(self, *, norm: str, act: str, mean: Sequence[float], std: Sequence[float], num_classes: int = 10,
+                 ws: bool = False):
         super().__init__()
         activation = ACTIVATIONS[act]
         self.standardize = Standardize(mean, std)
         self.features = nn.Sequential(
-            nn.Conv2d(1, 6, kernel_size=5, padding=2), make_norm(norm, 6), activation(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, kernel_size=5), make_norm(norm, 16), activation(), nn.MaxPool2d(2),
+            conv(1, 6, kernel_size=5, padding=2, ws=ws), make_norm(norm, 6), activation(), nn.MaxPool2d(2),
+            conv(6, 16, kernel_size=5, ws=ws), make_norm(norm, 16), activation(), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -57,17 +64,17 @@ class LeNet5(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a (projected when needed) shortcut; the residual add is out of place."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, *, norm: str, act: str):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, norm: str, act: str, ws: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False, ws=ws)
         self.norm1 = make_norm(norm, out_channels)
         self.act1 = ACTIVATIONS[act]()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.conv2 = conv(out_channels, out_channels, 3, stride=1, padding=1, bias=False, ws=ws)
         self.norm2 = make_norm(norm, out_channels)
         self.act2 = ACTIVATIONS[act]()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), make_norm(norm, out_channels))
+                conv(in_channels, out_channels, 1, stride=stride, bias=False, ws=ws), make_norm(norm, out_channels))
         else:
             self.shortcut = nn.Identity()
 
@@ -84,15 +91,17 @@ class ResNet18(nn.Module):
     average pooling and a linear classifier.
     """
 
-    def __init__(self, *, norm: str, act: str, mean: Sequence[float], std: Sequence[float], num_classes: int = 10):
+    def __init__(self, *, norm: str, act: str, mean: Sequence[float], std: Sequence[float], num_classes: int = 10,
+                 ws: bool = False):
         super().__init__()
         self.standardize = Standardize(mean, std)
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), make_norm(norm, 64), ACTIVATIONS[act]())
+        self.stem = nn.Sequential(conv(3, 64, 3, padding=1, bias=False, ws=ws), make_norm(norm, 64),
+                                  ACTIVATIONS[act]())
         stages, in_channels = [], 64
         for out_channels, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             stages.append(nn.Sequential(
-                BasicBlock(in_channels, out_channels, stride, norm=norm, act=act),
-                BasicBlock(out_channels, out_channels, 1, norm=norm, act=act)))
+                BasicBlock(in_channels, out_channels, stride, norm=norm, act=act, ws=ws),
+                BasicBlock(out_channels, out_channels, 1, norm=norm, act=act, ws=ws)))
             in_channels = out_channels
         self.stages = nn.Sequential(*stages)
         self.classifier = nn.Linear(512, num_classes)

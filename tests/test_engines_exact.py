@@ -30,10 +30,10 @@ NORMS = ["none", "group", "layer", "instance", "bn-public"]
 MODELS = {"mnist": (mnist.DATASET, (1, 28, 28), 5), "cifar10": (cifar10.DATASET, (3, 32, 32), 3)}
 
 
-def build(dataset: str, norm: str, dtype=torch.float64):
+def build(dataset: str, norm: str, dtype=torch.float64, ws: bool = False):
     spec, shape, _ = MODELS[dataset]
     torch.manual_seed(0)
-    model = spec.build_model(ModelConfig(norm=norm, act="tanh")).to(dtype)
+    model = spec.build_model(ModelConfig(norm=norm, act="tanh", ws=ws)).to(dtype)
     if norm == "bn-public":
         refresh_public_statistics(model, torch.rand(16, *shape, dtype=dtype))
     return model
@@ -119,6 +119,55 @@ def test_augmult_norms_of_every_engine_are_exact(dataset, norm):
         assert got.shape == (examples,), f"{dataset}/{norm}/{engine}: {tuple(got.shape)}"
         relative = ((got - expected).abs() / expected).max().item()
         assert relative <= 1e-6, f"{dataset}/{norm}/{engine}: relative error {relative:.2e}"
+
+
+@pytest.mark.parametrize("dataset", list(MODELS))
+@pytest.mark.parametrize("norm", ["group", "none", "bn-public"])
+def test_weight_standardized_norms_of_every_engine_are_exact(dataset, norm):
+    """--ws: every engine clips the raw weight's per-sample gradient, taken through the standardization (the
+    ResNet's stages 3-4 use the ghost form, LeNet-5 and the early stages instantiate); with augmult too."""
+    _, shape, batch = MODELS[dataset]
+    model = build(dataset, norm, ws=True)
+    torch.manual_seed(1)
+    images, labels = torch.rand(batch, *shape, dtype=torch.float64), torch.randint(0, 10, (batch,))
+    _, expected = brute_force(model, images, labels)
+    for engine in PRIVATE_ENGINES:
+        got = engine_norms(engine, model, images, labels)
+        relative = ((got - expected).abs() / expected).max().item()
+        assert relative <= 1e-6, f"ws {dataset}/{norm}/{engine}: relative error {relative:.2e}"
+    examples, views = AUGMULT[dataset]
+    images = torch.rand(examples * views, *shape, dtype=torch.float64)
+    labels = torch.randint(0, 10, (examples,)).repeat_interleave(views)
+    _, expected = brute_force(model, images, labels, views)
+    for engine in AUGMULT_ENGINES:
+        got = engine_norms(engine, model, images, labels, views)
+        relative = ((got - expected).abs() / expected).max().item()
+        assert relative <= 1e-6, f"ws augmult {dataset}/{norm}/{engine}: relative error {relative:.2e}"
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_book_keeping_clipped_sum_of_a_ghost_planned_weight_standardized_layer(views):
+    """The ghost-planned --ws layer's clipped sum (J^T of the clipped sum with respect to the standardized
+    weight) equals the brute-force sum of clipped per-example raw gradients."""
+    from dp_layers.norm_rules import conv_plan
+    from dp_layers.weight_standardization import WSConv2d
+
+    torch.manual_seed(5)
+    layer = WSConv2d(64, 64, 3, padding=1)
+    assert conv_plan(layer, (1, 64, 4, 4), views=views).method == "ghost"
+    model = torch.nn.Sequential(layer, torch.nn.Tanh(), _Reshape(64 * 16), torch.nn.Linear(64 * 16, 10)).double()
+    images = torch.rand(3 * views, 64, 4, 4, dtype=torch.float64)
+    labels = torch.randint(0, 10, (3,)).repeat_interleave(views)
+    per_sample, norms = brute_force(model, images, labels, views)
+    clip = norms.median().item()
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    wrapped = BookKeepingGradSampleModule(model, loss_reduction="mean", max_grad_norm=clip)
+    with views_per_example(views):
+        BookKeepingLoss(wrapped, ViewAveragedCrossEntropy(views))(wrapped(images), labels).backward()
+    for param, grads in zip(model.parameters(), per_sample):
+        expected = torch.einsum("b,b...->...", factors.to(grads.dtype), grads)
+        assert torch.allclose(param.grad, expected, rtol=1e-6, atol=1e-9)
+    wrapped._close()
 
 
 def noise_free_update(engine: str, norm: str, images, labels, clip: float, views: Optional[AugmentedViews] = None):
