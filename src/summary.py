@@ -26,6 +26,8 @@ class RunSummary:
     dataset: Optional[str] = None
     test_loss: Optional[float] = None
     test_acc: Optional[float] = None
+    n_test: Optional[int] = None  # test images evaluated (all the test images present)
+    test_acc_ci95: Optional[list] = None  # 95% binomial (Wilson) interval of test_acc on those images
     robust_acc: Optional[float] = None  # last measured: PGD (``eval_attack``) on the first ``eval_robust_size``
     eval_attack: Optional[dict] = None
     eval_robust_size: int = 0

@@ -33,7 +33,7 @@ from src.data import DatasetSpec
 from src.errors import TrainingStopped, UserError
 from src.loop import EpochSpec, evaluate, public_refresher, require_finite_weights, train_epoch
 from src.privacy import Training, attach, check_engine_supports
-from src.report import announce, epoch_line, report_outcome
+from src.report import accuracy_interval, announce, epoch_line, report_outcome
 from src.run_directory import RunDirectory
 from src.summary import RunSummary, TrainingSummary
 from src.tracking import WandbRun, check_wandb_mode, git_commit, new_run_id, recording_outcome
@@ -306,6 +306,8 @@ def _train_epochs(session: RunSession, start: Start, started: float) -> None:
         summary.update(**{k: v for k, v in row.items() if k not in per_epoch_only}, **measured,
                        epochs=epoch, steps=step, wall_seconds=previous_seconds + time.time() - started)
         test_loss = row["test_loss"]
+        summary.update(n_test=len(session.data.test), test_acc_ci95=accuracy_interval(row["test_acc"],
+                                                                                      len(session.data.test)))
         # Checkpoint first, then release: a kill between the two resumes after this epoch instead of
         # redoing it with fresh noise (secure RNG, GPU), which would release two versions of one epoch.
         run_dir.metrics.append(json_safe(row))

@@ -44,6 +44,8 @@ def test_mnist_private_run(tiny_root, tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2] and all(METRIC_KEYS <= m.keys() for m in metrics)
     # What the dry run promised is what training spent.
     assert summary["steps"] == plan["steps"] == metrics[-1]["step"]
+    low, high = summary["test_acc_ci95"]  # the accuracy's 95% interval on the test images present
+    assert low <= summary["test_acc"] <= high and summary["n_test"] == config["n_test"]
     assert summary["noise_multiplier"] == plan["noise_multiplier"]
     assert summary["epsilon"] == pytest.approx(plan["epsilon"], rel=1e-9)
     assert summary["epsilon"] <= 3.0 and metrics[0]["epsilon"] < metrics[1]["epsilon"]
