@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from src.engines import ENGINES as ALL_ENGINES, PRIVATE_ENGINES
 
@@ -36,22 +37,22 @@ QUICK = [("lenet5", "group", 64)]
 
 
 def measure(model_name: str, norm: str, batch: int, engine: str, steps: int, warmup: int,
-            image_size: int = 0) -> dict:
-    """One configuration, in this process: median step time (ms) and peak memory (MB)."""
+            image_size: int = 0, recipe: Optional[dict] = None) -> dict:
+    """One configuration, in this process: median step time (ms) and peak memory (MB). The step is the
+    training loop's own (``src.loop._physical_step``: augmentation views, forward, backward, clipping, noise)."""
     import torch
 
     from benchmarks.setup import bench_training
+    from src.loop import _physical_step
 
-    bench = bench_training(model_name, norm, batch, engine, image_size=image_size)
+    bench = bench_training(model_name, norm, batch, engine, image_size=image_size, recipe=recipe)
     training, x, y, refresh, device = (bench.training, bench.images, bench.labels, bench.refresh_public,
                                        bench.device)
 
     def step():
         if refresh is not None:
             refresh()
-        training.optimizer.zero_grad()
-        training.criterion(training.model(x), y).backward()
-        training.optimizer.step()
+        _physical_step(training, x, y, views=bench.views)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -71,10 +72,11 @@ def measure(model_name: str, norm: str, batch: int, engine: str, steps: int, war
     return {"step_ms": 1000 * statistics.median(times), "peak_mb": peak_mb, "device": str(device)}
 
 
-def run_in_subprocess(config: tuple, engine: str, steps: int, warmup: int, image_size: int) -> dict:
+def run_in_subprocess(config: tuple, engine: str, steps: int, warmup: int, image_size: int,
+                      recipe_flags: tuple = ()) -> dict:
     model_name, norm, batch = config
     command = [sys.executable, "-m", "benchmarks.engines", "--worker", model_name, norm, str(batch), engine,
-               "--steps", str(steps), "--warmup", str(warmup), "--image-size", str(image_size)]
+               "--steps", str(steps), "--warmup", str(warmup), "--image-size", str(image_size), *recipe_flags]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -136,12 +138,17 @@ def main(argv=None) -> int:
                              "and bn-public)")
     parser.add_argument("--image-size", type=int, default=0, help="square inputs of this size (default: native)")
     parser.add_argument("--save", type=Path, help="also write the JSON rows to this file (atomically)")
+    parser.add_argument("--ws", action="store_true", help="weight-standardized convolutions (the recipe's)")
+    parser.add_argument("--augmult", type=int, default=0, metavar="K",
+                        help="augment each example into K views (the recipe's step; default: no augmentation)")
     parser.add_argument("--worker", nargs=4, metavar=("MODEL", "NORM", "BATCH", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         model_name, norm, batch, engine = args.worker
-        print(json.dumps(measure(model_name, norm, int(batch), engine, args.steps, args.warmup, args.image_size)))
+        recipe = {"ws": args.ws, **({"augment": True, "augmult": args.augmult} if args.augmult else {})}
+        print(json.dumps(measure(model_name, norm, int(batch), engine, args.steps, args.warmup, args.image_size,
+                                 recipe)))
         return 0
 
     from tqdm import tqdm
@@ -160,8 +167,9 @@ def main(argv=None) -> int:
     samples = {(c, e): [] for c in configs for e in engines}
     jobs = [(c, e) for _ in range(rounds) for c in configs for e in engines]
     for config, engine in tqdm(jobs, desc="benchmark", unit="run", file=sys.stderr, disable=None):
+        recipe_flags = (["--ws"] if args.ws else []) + (["--augmult", str(args.augmult)] if args.augmult else [])
         samples[(config, engine)].append(run_in_subprocess(config, engine, args.steps, args.warmup,
-                                                           args.image_size))
+                                                           args.image_size, tuple(recipe_flags)))
     rows = summarise(configs, engines, samples)
     if args.save:
         from src.atomic_files import atomic_write_json

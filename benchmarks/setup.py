@@ -17,11 +17,14 @@ class BenchTraining:
     labels: torch.Tensor
     refresh_public: Optional[Callable[[], None]]  # bn-public models: recompute the public statistics
     device: torch.device
+    views: Optional[Callable] = None  # --augment/--augmult: the rows the model trains on (src.augment)
 
 
 def bench_training(model_name: str, norm: str, batch: int, engine: str, *, image_size: int = 0,
-                   device: Optional[torch.device] = None, momentum: float = 0.9) -> BenchTraining:
-    """Random uint8 images (4 batches) and 128 random public images; bn-public statistics already set."""
+                   device: Optional[torch.device] = None, momentum: float = 0.9, recipe: Optional[dict] = None
+                   ) -> BenchTraining:
+    """Random uint8 images (4 batches) and 128 random public images; bn-public statistics already set.
+    ``recipe``: more settings (``ws``, ``augment``, ``augmult``) for the De et al. recipe's step."""
     from src.accounting import plan_privacy
     from src.config import build_config
     from src.data import ImageTensorDataset, PublicData
@@ -32,7 +35,8 @@ def bench_training(model_name: str, norm: str, batch: int, engine: str, *, image
     spec = get_dataset(MODELS[model_name])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flags = {"dataset": spec.name, "engine": engine, "norm": norm, "batch_size": batch,
-             "physical_batch_size": batch, "lr": 0.01, "momentum": momentum, "clip": 1.0, "epochs": 1}
+             "physical_batch_size": batch, "lr": 0.01, "momentum": momentum, "clip": 1.0, "epochs": 1,
+             **(recipe or {})}
     if engine != "non-private":
         flags["noise"] = 1.0
     config = build_config(flags, spec.defaults)
@@ -52,4 +56,9 @@ def bench_training(model_name: str, norm: str, batch: int, engine: str, *, image
     if refresh is not None:
         refresh()
     x, y = (t.to(device) for t in data.__getitems__(range(batch)))
-    return BenchTraining(training=training, images=x, labels=y, refresh_public=refresh, device=device)
+    views = None
+    if config.train.augment:
+        from src.augment import AugmentedViews
+
+        views = AugmentedViews(spec.augmentation, config.train.augmult, torch.Generator(device=device).manual_seed(3))
+    return BenchTraining(training=training, images=x, labels=y, refresh_public=refresh, device=device, views=views)
