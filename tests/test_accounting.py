@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from src.accounting import (calibrate_noise, epsilon_by_accountant, epsilon_from_history, gdp_approximation, plan_privacy,
-                            steps_within_budget)
+from src.accounting import (calibrate_noise, epsilon_by_accountant, epsilon_from_history, gdp_approximation,
+                            plan_privacy, steps_within_budget)
 from src.config import build_config
 from src.mnist import DEFAULTS as MNIST_DEFAULTS
 
