@@ -16,7 +16,8 @@ from src.run_directory import RunDirectory
 
 COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "robust", "attack", "pgd_eps",
            "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train", "epoch",
-           "step", "epsilon", "val_loss", "val_acc", "test_loss", "test_acc", "robust_acc", "seconds"]
+           "step", "epsilon", "val_loss", "val_acc", "test_loss", "test_acc", "robust_acc", "val_acc_ema",
+           "test_acc_ema", "robust_acc_ema", "seconds"]  # *_ema: the averaged weights of --ema runs
 # Loss and accuracy on the private training batches are never collected: epsilon does not cover them
 # (runs with --unprotected-train-stats keep them, labelled, in their own metrics.jsonl only).
 

@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from experiments.collect import collect
 from src.ema import weight_average
 from tests.conftest import run_cli
 
@@ -43,3 +44,5 @@ def test_a_run_with_ema_evaluates_and_saves_both_models(tiny_root, tmp_path):
     raw, averaged = torch.load(run / "model.pt"), torch.load(run / "model_ema.pt")
     assert raw.keys() == averaged.keys() and not torch.equal(raw["features.0.weight"], averaged["features.0.weight"])
     assert "ema test" in result.stdout
+    table = collect(tmp_path)  # the sweep CSV carries both models
+    assert table["test_acc_ema"].notna().all() and (table["test_acc_ema"] == [r["test_acc_ema"] for r in rows]).all()
