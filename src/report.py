@@ -58,8 +58,9 @@ def epoch_line(config: Config, plan: PrivacyPlan, row: dict) -> str:
     if "val_acc" in row:
         parts.append(f"val {row['val_acc']:.2f}%")
     parts.append(f"test {row['test_acc']:.2f}%")
-    if "test_acc_ema" in row:
-        parts.append(f"ema test {row['test_acc_ema']:.2f}%")
+    if "test_acc_ema" in row:  # --ema: the averaged weights
+        parts.append(("ema " + (f"val {row['val_acc_ema']:.2f}% " if "val_acc_ema" in row else "")
+                      + f"test {row['test_acc_ema']:.2f}%"))
     if row["robust_acc"] is not None:
         parts.append(f"robust {row['robust_acc']:.2f}%")
     return "  ".join(parts + [eps_text, f"{row['seconds']:.1f}s"])
@@ -86,6 +87,8 @@ def report_outcome(summary: TrainingSummary, config: Config, plan: PrivacyPlan, 
                    if summary.robust_acc is not None else "")
     interval = (f" (95% interval {summary.test_acc_ci95[0]:.1f}-{summary.test_acc_ci95[1]:.1f}, "
                 f"{summary.n_test} test images)" if summary.test_acc_ci95 else "")
+    averaged = (f"; averaged weights (--ema): test accuracy {summary.test_acc_ema:.2f}%"
+                if summary.test_acc_ema is not None else "")
     print(f"{summary.status}: test accuracy {summary.test_acc:.2f}%{interval}{robust_text}"
           + (f", epsilon {summary.epsilon:.3f} at delta {plan.delta:g} ({extra})" if plan.private else "")
-          + f"; {run_dir.path}", flush=True)
+          + f"{averaged}; {run_dir.path}", flush=True)
