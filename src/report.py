@@ -73,7 +73,7 @@ def accuracy_interval(accuracy: float, n: int) -> list:
 
     correct = round(accuracy * n / 100)
     interval = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return [100 * interval.low, 100 * interval.high]
+    return [float(100 * interval.low), float(100 * interval.high)]  # plain floats: checkpoints load weights-only
 
 
 def report_outcome(summary: TrainingSummary, config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> None:
