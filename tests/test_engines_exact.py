@@ -82,6 +82,16 @@ def _engine_norms(engine: str, model, images, labels, views: int) -> torch.Tenso
     return norms.detach()
 
 
+def assert_exact_norms(engines, model, images, labels, label: str, views: int = 1) -> None:
+    """Every engine's per-sample norms (one per example) equal the brute-force ones to 1e-6, relative."""
+    _, expected = brute_force(model, images, labels, views)
+    for engine in engines:
+        got = engine_norms(engine, model, images, labels, views)
+        assert got.shape == (len(images) // views,), f"{label}/{engine}: {tuple(got.shape)}"
+        relative = ((got - expected).abs() / expected).max().item()
+        assert relative <= 1e-6, f"{label}/{engine}: relative error {relative:.2e}"
+
+
 @pytest.mark.parametrize("dataset", list(MODELS))
 @pytest.mark.parametrize("norm", NORMS)
 def test_per_sample_norms_of_every_engine_are_exact(dataset, norm):
@@ -89,11 +99,7 @@ def test_per_sample_norms_of_every_engine_are_exact(dataset, norm):
     model = build(dataset, norm)
     torch.manual_seed(1)
     images, labels = torch.rand(batch, *shape, dtype=torch.float64), torch.randint(0, 10, (batch,))
-    _, expected = brute_force(model, images, labels)
-    for engine in PRIVATE_ENGINES:
-        got = engine_norms(engine, model, images, labels)
-        relative = ((got - expected).abs() / expected).max().item()
-        assert relative <= 1e-6, f"{dataset}/{norm}/{engine}: relative error {relative:.2e}"
+    assert_exact_norms(PRIVATE_ENGINES, model, images, labels, f"{dataset}/{norm}")
 
 
 AUGMULT_ENGINES = [e for e in PRIVATE_ENGINES if e != "ghost"]  # stock Opacus ghost is refused with --augmult
@@ -114,11 +120,7 @@ def test_augmult_norms_of_every_engine_are_exact(dataset, norm):
     _, expected = brute_force(model, images, labels, views)
     per_view = brute_force(model, images, labels)[1]
     assert not torch.allclose(per_view[::views], expected)  # the grouping matters for this test to mean anything
-    for engine in AUGMULT_ENGINES:
-        got = engine_norms(engine, model, images, labels, views)
-        assert got.shape == (examples,), f"{dataset}/{norm}/{engine}: {tuple(got.shape)}"
-        relative = ((got - expected).abs() / expected).max().item()
-        assert relative <= 1e-6, f"{dataset}/{norm}/{engine}: relative error {relative:.2e}"
+    assert_exact_norms(AUGMULT_ENGINES, model, images, labels, f"{dataset}/{norm}", views)
 
 
 @pytest.mark.parametrize("dataset", list(MODELS))
@@ -130,19 +132,11 @@ def test_weight_standardized_norms_of_every_engine_are_exact(dataset, norm):
     model = build(dataset, norm, ws=True)
     torch.manual_seed(1)
     images, labels = torch.rand(batch, *shape, dtype=torch.float64), torch.randint(0, 10, (batch,))
-    _, expected = brute_force(model, images, labels)
-    for engine in PRIVATE_ENGINES:
-        got = engine_norms(engine, model, images, labels)
-        relative = ((got - expected).abs() / expected).max().item()
-        assert relative <= 1e-6, f"ws {dataset}/{norm}/{engine}: relative error {relative:.2e}"
+    assert_exact_norms(PRIVATE_ENGINES, model, images, labels, f"ws {dataset}/{norm}")
     examples, views = AUGMULT[dataset]
     images = torch.rand(examples * views, *shape, dtype=torch.float64)
     labels = torch.randint(0, 10, (examples,)).repeat_interleave(views)
-    _, expected = brute_force(model, images, labels, views)
-    for engine in AUGMULT_ENGINES:
-        got = engine_norms(engine, model, images, labels, views)
-        relative = ((got - expected).abs() / expected).max().item()
-        assert relative <= 1e-6, f"ws augmult {dataset}/{norm}/{engine}: relative error {relative:.2e}"
+    assert_exact_norms(AUGMULT_ENGINES, model, images, labels, f"ws augmult {dataset}/{norm}", views)
 
 
 @pytest.mark.parametrize("views", [1, 2])
