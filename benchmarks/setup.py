@@ -34,9 +34,11 @@ def bench_training(model_name: str, norm: str, batch: int, engine: str, *, image
 
     spec = get_dataset(MODELS[model_name])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Pinned rather than left to the dataset (cifar10's defaults switch the recipe on): a plain step unless
+    # ``recipe`` asks for its ingredients.
     flags = {"dataset": spec.name, "engine": engine, "norm": norm, "batch_size": batch,
              "physical_batch_size": batch, "lr": 0.01, "momentum": momentum, "clip": 1.0, "epochs": 1,
-             **(recipe or {})}
+             "augment": False, "augmult": 1, "ws": False, **(recipe or {})}
     if engine != "non-private":
         flags["noise"] = 1.0
     config = build_config(flags, spec.defaults)

@@ -29,7 +29,7 @@ from opacus.utils.module_utils import requires_grad, trainable_parameters
 from torch import nn
 
 from dp_layers.augmult import current_views, per_view, sum_views, view_share, views_as_tokens
-from dp_layers.norm_rules import CONV_TYPES, conv_factors, conv_plan, conv_weight_norms
+from dp_layers.norm_rules import CONV_TYPES, conv_bias_per_sample, conv_plan, conv_weight_norms
 from dp_layers.weight_standardization import WSConv2d, raw_weight_gradient, ws_weight_norms
 
 ClippedSum = Callable[[torch.Tensor], Dict[nn.Parameter, torch.Tensor]]
@@ -93,16 +93,14 @@ def conv_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torc
     the K*T positions of an example's views)."""
     x = activations[0].to(backprops.dtype)
     backprops = view_share(backprops, views)
-    u, g = conv_factors(layer, x, backprops, views=views)
     plan = conv_plan(layer, x.shape, views=views)
     norms, per_sample = {}, None
     if layer.weight.requires_grad:
-        norms[layer.weight], per_sample = conv_weight_norms(plan, u, g)
+        norms[layer.weight], per_sample = conv_weight_norms(layer, plan, x, backprops, views)
     bias_per_sample = None
     if layer.bias is not None and layer.bias.requires_grad:
-        bias_per_sample = g.sum(dim=3).reshape(len(g), -1)
+        bias_per_sample = conv_bias_per_sample(backprops, views)
         norms[layer.bias] = bias_per_sample.norm(2, dim=1)
-    del u, g  # the unfolded input is the big temporary: keep only what the clipped sum needs
 
     def clipped_sum(coef):
         grads = {}
@@ -126,15 +124,14 @@ def ws_conv_rule(layer: WSConv2d, activations: List[torch.Tensor], backprops: to
     instantiated, ``dp_layers.weight_standardization``); the clipped sum is J^T of the clipped sum with
     respect to the standardized weight, J being the same for every example."""
     x = activations[0].to(backprops.dtype)
-    weight_norms, raw, g = ws_weight_norms(layer, x, backprops, views)
     share = view_share(backprops, views)
+    weight_norms, raw = ws_weight_norms(layer, x, share, views)
     norms, bias_per_sample = {}, None
     if layer.weight.requires_grad:
         norms[layer.weight] = weight_norms
     if layer.bias is not None and layer.bias.requires_grad:
-        bias_per_sample = g.sum(dim=3).reshape(len(g), -1)
+        bias_per_sample = conv_bias_per_sample(share, views)
         norms[layer.bias] = bias_per_sample.norm(2, dim=1)
-    del g
 
     def clipped_sum(coef):
         grads = {}

@@ -6,7 +6,7 @@ materialises per-sample gradients. Here, registered through ``register_norm_samp
 - Conv1d/2d/3d, mixed as in Bu et al. (2022): per layer and input shape, either the *ghost norm*
   ``||G_i^T U_i||^2 = <U_i U_i^T, G_i G_i^T>`` from Gram matrices of the unfolded input U_i (T x d) and
   output gradient G_i (T x p), costing ~T^2 (d + p) per example, or the instantiated per-sample gradient
-  G_i^T U_i, costing ~T d p. The cheaper one is chosen (the paper's rule 2 T^2 < d p weighs memory
+  G_i^T U_i, costing ~T d p (for Conv2d formed as one grouped convolution, without unfolding the input). The cheaper one is chosen (the paper's rule 2 T^2 < d p weighs memory
   instead; here both fit and time is what we pay). On ResNet-18 at 32x32 that instantiates the stem and
   stages 1-2 and ghosts stages 3-4; LeNet-5 instantiates both convolutions.
 - GroupNorm, LayerNorm, InstanceNorm and the public BatchNorm's ChannelAffine: their per-sample gradients
@@ -162,15 +162,49 @@ def conv_factors(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor, vie
     return views_as_positions(u, views), views_as_positions(g, views)
 
 
-def conv_weight_norms(plan: ConvPlan, u: torch.Tensor, g: torch.Tensor) -> tuple:
-    """(per-sample Frobenius norms of the weight gradient, the per-sample gradients (B, groups, p, d) if the
-    plan instantiated them, else None)."""
+def per_sample_conv2d_weight(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """Per-row weight gradients (N, *weight.shape) of a Conv2d as one grouped convolution: the N rows become
+    N groups of one (1, N * in_channels) image, so that group n convolves row n's input with row n's output
+    gradient (Rochette et al. 2019, "Efficient per-example gradient computations in convolutional neural
+    networks"). Unlike unfolding the input (im2col, a copy 9x the input for 3x3 kernels) it materialises
+    nothing larger than the result."""
+    n = x.shape[0]
+    weight_shape = layer.weight.shape
+    if n == 0:  # an empty Poisson batch: zero groups is not a convolution
+        return x.new_zeros((0, *weight_shape))
+    grads = torch.nn.grad.conv2d_weight(
+        x.reshape(1, n * x.shape[1], *x.shape[2:]), (n * weight_shape[0], *weight_shape[1:]),
+        backprops.reshape(1, n * backprops.shape[1], *backprops.shape[2:]), stride=layer.stride,
+        padding=layer.padding, dilation=layer.dilation, groups=n * layer.groups)
+    return grads.reshape(n, *weight_shape)
+
+
+def instantiate_conv_weight(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor, views: int = 1
+                            ) -> torch.Tensor:
+    """Each example's weight gradient (B, *weight.shape): the sum over its ``views`` rows (``backprops`` already
+    each view's share). Conv2d (numeric padding) by grouped convolution, other convolutions by unfolding."""
+    if isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str):
+        return sum_views(per_sample_conv2d_weight(layer, x, backprops), views)
+    u, g = conv_factors(layer, x, backprops, views=views)
+    return torch.einsum("bgpt,bgdt->bgpd", g, u).reshape(len(u), *layer.weight.shape)
+
+
+def conv_weight_norms(layer: nn.Module, plan: ConvPlan, x: torch.Tensor, backprops: torch.Tensor,
+                      views: int = 1) -> tuple:
+    """(per-sample Frobenius norms of the weight gradient, the per-sample gradients (B, *weight.shape) if the
+    plan instantiated them, else None). ``backprops`` are each view's share of its example's gradient."""
     if plan.method == "ghost":
+        u, g = conv_factors(layer, x, backprops, views=views)
         input_gram = torch.einsum("bgdt,bgds->bgts", u, u)
         output_gram = torch.einsum("bgpt,bgps->bgts", g, g)
         return (input_gram * output_gram).sum(dim=(1, 2, 3)).clamp(min=0).sqrt(), None
-    per_sample = torch.einsum("bgpt,bgdt->bgpd", g, u)
+    per_sample = instantiate_conv_weight(layer, x, backprops, views)
     return per_sample.reshape(len(per_sample), -1).norm(2, dim=1), per_sample
+
+
+def conv_bias_per_sample(backprops: torch.Tensor, views: int = 1) -> torch.Tensor:
+    """(B, out_channels): each example's bias gradient, the output gradient summed over positions and views."""
+    return sum_views(backprops.reshape(*backprops.shape[:2], -1).sum(dim=2), views)
 
 
 @register_norm_sampler(list(CONV_TYPES))
@@ -182,9 +216,9 @@ def conv_norm_sample(layer: nn.Module, activations: List[torch.Tensor],
         empty = torch.zeros(0, device=x.device, dtype=x.dtype)
         return {p: empty for p in layer.parameters() if p.requires_grad}
     k = current_views()
-    u, g = conv_factors(layer, x, view_share(backprops, k), views=k)
+    share = view_share(backprops, k)
     if layer.weight.requires_grad:
-        norms[layer.weight], _ = conv_weight_norms(conv_plan(layer, x.shape, views=k), u, g)
+        norms[layer.weight], _ = conv_weight_norms(layer, conv_plan(layer, x.shape, views=k), x, share, k)
     if layer.bias is not None and layer.bias.requires_grad:
-        norms[layer.bias] = g.sum(dim=3).reshape(len(g), -1).norm(2, dim=1)
+        norms[layer.bias] = conv_bias_per_sample(share, k).norm(2, dim=1)
     return norms

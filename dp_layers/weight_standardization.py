@@ -30,7 +30,7 @@ from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import nn
 
 from dp_layers.augmult import current_views, view_share
-from dp_layers.norm_rules import conv_factors, conv_plan
+from dp_layers.norm_rules import conv_bias_per_sample, conv_factors, conv_plan, instantiate_conv_weight
 
 EPS = 1e-5
 
@@ -80,31 +80,27 @@ def _ghost_norms(layer: WSConv2d, u: torch.Tensor, g: torch.Tensor) -> torch.Ten
     return per_filter.sum(dim=(1, 2)).clamp(min=0).sqrt()
 
 
-def ws_weight_norms(layer: WSConv2d, x: torch.Tensor, backprops: torch.Tensor, views: int = 1) -> tuple:
-    """(per-sample norms of the raw weight's gradient, the per-sample raw gradients if instantiated else None,
-    the grouped output gradient (B, groups, p, T) for the bias). ``backprops`` are per-view gradients: each
-    view takes 1/K of them (augmult)."""
-    u, g = conv_factors(layer, x, view_share(backprops, views), views=views)
+def ws_weight_norms(layer: WSConv2d, x: torch.Tensor, share: torch.Tensor, views: int = 1) -> tuple:
+    """(per-sample norms of the raw weight's gradient, the per-sample raw gradients if instantiated else None).
+    ``share`` is each view's share of its example's output gradient (augmult: 1/K of the per-view gradient)."""
     if conv_plan(layer, x.shape, views=views).method == "ghost":
-        return _ghost_norms(layer, u, g), None, g
-    per_sample_hat = torch.einsum("bgpt,bgdt->bgpd", g, u).reshape(len(u), *layer.weight.shape)
-    raw = raw_weight_gradient(layer, per_sample_hat)
-    return raw.reshape(len(raw), -1).norm(2, dim=1), raw, g
+        u, g = conv_factors(layer, x, share, views=views)
+        return _ghost_norms(layer, u, g), None
+    raw = raw_weight_gradient(layer, instantiate_conv_weight(layer, x, share, views))
+    return raw.reshape(len(raw), -1).norm(2, dim=1), raw
 
 
 @register_grad_sampler(WSConv2d)
 def ws_conv_grad_sample(layer: WSConv2d, activations: List[torch.Tensor],
                         backprops: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
-    """Per-row gradients of the raw weight: J^T of those with respect to w_hat, formed from the unfolded input
-    (Opacus's own convolution sampler only unfolds for the exact type nn.Conv2d)."""
+    """Per-row gradients of the raw weight: J^T of those with respect to w_hat (Opacus's own convolution
+    sampler only handles the exact type nn.Conv2d)."""
     x = activations[0].to(backprops.dtype)
-    u, g = conv_factors(layer, x, backprops)
     per_row = {}
     if layer.weight.requires_grad:
-        per_sample_hat = torch.einsum("bgpt,bgdt->bgpd", g, u).reshape(len(u), *layer.weight.shape)
-        per_row[layer.weight] = raw_weight_gradient(layer, per_sample_hat)
+        per_row[layer.weight] = raw_weight_gradient(layer, instantiate_conv_weight(layer, x, backprops))
     if layer.bias is not None and layer.bias.requires_grad:
-        per_row[layer.bias] = g.sum(dim=3).reshape(len(g), -1)
+        per_row[layer.bias] = conv_bias_per_sample(backprops)
     return per_row
 
 
@@ -116,10 +112,9 @@ def ws_conv_norm_sample(layer: WSConv2d, activations: List[torch.Tensor],
         empty = x.new_zeros(0)
         return {p: empty for p in layer.parameters() if p.requires_grad}
     norms = {}
-    weight_norms, _, g = ws_weight_norms(layer, x, backprops, views=k)
+    share = view_share(backprops, k)
     if layer.weight.requires_grad:
-        norms[layer.weight] = weight_norms
+        norms[layer.weight], _ = ws_weight_norms(layer, x, share, views=k)
     if layer.bias is not None and layer.bias.requires_grad:
-        norms[layer.bias] = g.sum(dim=3).reshape(len(g), -1).norm(2, dim=1)
+        norms[layer.bias] = conv_bias_per_sample(share, k).norm(2, dim=1)
     return norms
-

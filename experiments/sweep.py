@@ -31,7 +31,9 @@ class GridPoint:
 
 def command_line(flags: Dict[str, Any]) -> List[str]:
     """Flags as a ``vision.py`` command line: a switch is present when true; when false it is absent, or
-    ``--no-NAME`` for a switch that is on by default (``download``); None leaves the setting to its default."""
+    ``--no-NAME`` for a switch that a default may turn on (``download``; cifar10's ``augment``); None leaves the
+    setting to its default."""
+    from src.cli import negatable
     from src.config import SETTINGS
 
     args: List[str] = []
@@ -40,7 +42,7 @@ def command_line(flags: Dict[str, Any]) -> List[str]:
             setting = SETTINGS.get(name.replace("-", "_"))
             if value:
                 args.append(f"--{name}")
-            elif setting is not None and setting.default is True:
+            elif setting is not None and negatable(setting):
                 args.append(f"--no-{name}")
         elif value is not None:
             args += [f"--{name}", str(value)]

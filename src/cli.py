@@ -59,15 +59,24 @@ def default_text(setting: Setting, *, per_dataset: str = "") -> Optional[str]:
     unless ``per_dataset`` names where they are listed instead). None: there is no default to state."""
     from src.datasets import DATASETS
 
-    by_dataset = {name: spec.defaults[setting.name] for name, spec in DATASETS.items()
-                  if setting.name in spec.defaults}
-    if by_dataset:
+    by_dataset = {name: spec.defaults.get(setting.name, setting.default) for name, spec in DATASETS.items()
+                  if setting.name in spec.defaults or not setting.per_dataset}
+    if any(setting.name in spec.defaults for spec in DATASETS.values()):
         return per_dataset or "; ".join(f"{name} {readable(value)}" for name, value in by_dataset.items())
     if setting.flag.default_text:
         return setting.flag.default_text
     if setting.per_dataset:
         return None
     return readable(setting.default)
+
+
+def negatable(setting: Setting) -> bool:
+    """A switch that some default turns on (globally, or a dataset's: cifar10's --augment) needs its
+    --no-NAME form, or the user could not turn it off."""
+    from src.datasets import DATASETS
+
+    return setting.type is bool and (setting.default is True or any(
+        spec.defaults.get(setting.name) is True for spec in DATASETS.values()))
 
 
 def add_setting(group, setting: Setting, *, default=None, choices=None, help_default: Optional[str] = None) -> None:
@@ -77,7 +86,7 @@ def add_setting(group, setting: Setting, *, default=None, choices=None, help_def
     stated = help_default or default_text(setting, per_dataset="per dataset, below")
     help_text = f"{setting.flag.help} (default: {stated})" if stated else setting.flag.help
     if setting.type is bool:
-        action = argparse.BooleanOptionalAction if setting.default is True else "store_true"
+        action = argparse.BooleanOptionalAction if negatable(setting) else "store_true"
         group.add_argument(setting.option, action=action, default=default, help=help_text)
         return
     group.add_argument(setting.option, type=setting.flag.parse or PARSERS[setting.type], choices=choices,

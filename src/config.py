@@ -141,7 +141,7 @@ class TrainConfig:
                                                 "examples, each K rows")
     ema: Optional[float] = setting(None, metavar="DECAY",
                                    help="also evaluate an exponential moving average of the weights with this decay "
-                                        "(post-processing: free in privacy)")
+                                        "(post-processing: free in privacy; 0 turns it off)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -349,11 +349,12 @@ def validate(config: Config) -> None:
     _require(t.checkpoint_every is None or t.checkpoint_every >= 1,
              f"--checkpoint-every must be at least 1, got {t.checkpoint_every}")
     _require(t.augmult >= 1, f"--augmult must be at least 1, got {t.augmult}")
-    _require(t.augmult == 1 or t.augment, f"--augmult {t.augmult} averages augmented views: it needs --augment")
+    _require(t.augmult == 1 or t.augment, f"--augmult {t.augmult} averages augmented views: it needs --augment "
+                                               "(or --augmult 1)")
     _require(t.augmult == 1 or p.engine != "ghost",
              "--engine ghost is stock Opacus, whose norm rules clip each augmult view on its own; use --engine "
              "mixed-ghost (ghost clipping with rules that group an example's views), bk, hooks or functorch")
-    _require(t.ema is None or 0 < t.ema < 1, f"--ema must be in (0, 1), got {t.ema}")
+    _require(t.ema is None or 0 <= t.ema < 1, f"--ema must be in [0, 1) (0 turns it off), got {t.ema}")
     _require(t.lr > 0, f"--lr must be positive, got {t.lr}")
     _require(0 <= t.momentum < 1, f"--momentum must be in [0, 1), got {t.momentum}")
     _require(not (t.optimizer == "adam" and t.momentum != 0),

@@ -27,3 +27,28 @@ def test_rows_are_ratios_against_non_private_of_the_same_run():
     assert by_engine["hooks"]["error"] == "out of memory" and by_engine["hooks"]["time_ratio"] is None
     table = engines.markdown(rows)
     assert "failed: out of memory" in table and "1.27x" in table
+
+
+def test_the_step_profile_traces_copies_to_the_operators_that_make_them(capsys):
+    """The profile runs the training loop's step and attributes every copy to its calling operators: the
+    reshape-of-a-view copies that augmult's grouping makes must show up under aten::reshape."""
+    from benchmarks import profile_step
+
+    assert profile_step.main(["--model", "lenet5", "--norm", "none", "--batch", "4", "--augmult", "2",
+                              "--steps", "1", "--top", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "lenet5 none batch 4 engine bk" in out and "aten::copy_ by calling operators" in out
+    copies = out.split("aten::copy_ by calling operators", 1)[1]
+    assert "aten::reshape" in copies
+
+
+def test_a_plain_benchmark_step_is_plain_whatever_the_dataset_defaults():
+    """cifar10's defaults switch the recipe on (augmentation, augmult, WS); the benchmark pins its own, so a
+    configuration without --ws/--augmult measures a plain step, and one with them the recipe's."""
+    from benchmarks.setup import bench_training
+    from dp_layers.weight_standardization import WSConv2d
+
+    plain = bench_training("resnet18", "group", 2, "non-private")
+    assert plain.views is None and not any(isinstance(m, WSConv2d) for m in plain.training.model.modules())
+    recipe = bench_training("resnet18", "group", 2, "non-private", recipe={"ws": True, "augment": True, "augmult": 2})
+    assert recipe.views.views == 2 and any(isinstance(m, WSConv2d) for m in recipe.training.model.modules())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from experiments.collect import collect
@@ -29,6 +30,18 @@ def test_the_average_follows_the_warmed_up_decay():
     got = torch.cat([p.flatten() for p in average.module.parameters()])
     assert torch.allclose(got, expected, atol=1e-6) and not any(p.requires_grad for p in average.parameters())
     assert weight_average(torch.nn.Linear(3, 2), decay=None) is None
+
+
+def test_ema_zero_turns_off_the_average_cifar10_takes_by_default():
+    from src.cifar10 import DEFAULTS
+    from src.config import build_config
+    from src.errors import UserError
+
+    assert build_config({"dataset": "cifar10"}, DEFAULTS).train.ema == 0.999
+    off = build_config({"dataset": "cifar10", "ema": 0.0}, DEFAULTS).train.ema
+    assert off == 0 and weight_average(torch.nn.Linear(3, 2), decay=off) is None
+    with pytest.raises(UserError, match="0 turns it off"):
+        build_config({"dataset": "cifar10", "ema": 1.0}, DEFAULTS)
 
 
 def test_a_run_with_ema_evaluates_and_saves_both_models(tiny_root, tmp_path):

@@ -39,6 +39,29 @@ def test_the_parser_keeps_none_so_user_settings_are_distinguishable():
     assert all(args[name] is None for name in SETTINGS if name != "dataset")
 
 
+def test_a_switch_a_dataset_turns_on_can_be_turned_off_on_the_command_line_and_in_sweeps():
+    """cifar10 turns the recipe's switches on by default: --no-NAME must reach the config as off, and a sweep
+    point that sets the switch false must say --no-NAME (leaving it out would get the dataset's on)."""
+    from experiments.sweep import command_line
+
+    switched_on = {name for spec in DATASETS.values() for name, value in spec.defaults.items() if value is True}
+    assert {"augment", "ws"} <= switched_on
+    for name in switched_on:
+        option = SETTINGS[name].option
+        args = build_parser().parse_args(["--dataset", "cifar10", f"--no-{option[2:]}"])
+        assert getattr(args, name) is False
+        assert f"--no-{option[2:]}" in command_line({option[2:]: False})
+        on = next(spec for spec in DATASETS.values() if spec.defaults.get(name) is True)
+        # (--augmult 1: cifar10's augmult needs --augment, and says so in one line; tests/test_bad_input.py)
+        flags = vars(build_parser().parse_args(["--dataset", on.name, f"--no-{option[2:]}", "--augmult", "1"]))
+        assert _field(build_config({k: v for k, v in flags.items() if k in SETTINGS}, on.defaults), name) is False
+        assert _field(build_config({"dataset": on.name}, on.defaults), name) is True
+
+
+def _field(config: Config, name: str):
+    return getattr(getattr(config, SETTINGS[name].section), name)
+
+
 def test_readme_flag_table_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- flags:start -->\n")[1].split("<!-- flags:end -->")[0]
