@@ -6,8 +6,9 @@ materialises per-sample gradients. Here, registered through ``register_norm_samp
 - Conv1d/2d/3d, mixed as in Bu et al. (2022): per layer and input shape, either the *ghost norm*
   ``||G_i^T U_i||^2 = <U_i U_i^T, G_i G_i^T>`` from Gram matrices of the unfolded input U_i (T x d) and
   output gradient G_i (T x p), costing ~T^2 (d + p) per example, or the instantiated per-sample gradient
-  G_i^T U_i, costing ~T d p (for Conv2d formed as one grouped convolution, without unfolding the input). The cheaper one is chosen (the paper's rule 2 T^2 < d p weighs memory
-  instead; here both fit and time is what we pay). On ResNet-18 at 32x32 that instantiates the stem and
+  G_i^T U_i, costing ~T d p (for Conv2d formed as one grouped convolution, without unfolding the input).
+  The cheaper one is chosen (the paper's rule 2 T^2 < d p weighs memory instead; here both fit and time is
+  what we pay). On ResNet-18 at 32x32 that instantiates the stem and
   stages 1-2 and ghosts stages 3-4; LeNet-5 instantiates both convolutions.
 - GroupNorm, LayerNorm, InstanceNorm and the public BatchNorm's ChannelAffine: their per-sample gradients
   are only (B, channels), so the norm is taken from them directly.

@@ -29,8 +29,8 @@ def warmed_up_ema(decay: float) -> Callable:
 
 def weight_average(fresh_model: torch.nn.Module, decay: Optional[float]) -> Optional[AveragedModel]:
     """The EMA of the weights in ``fresh_model`` (a new model of the same architecture, on the training
-    device), or None without ``--ema`` (or with ``--ema 0``). Buffers are not averaged: public BatchNorm statistics are recomputed
-    for the averaged weights before it is evaluated."""
+    device), or None without ``--ema`` (or with ``--ema 0``). Buffers are not averaged: public BatchNorm
+    statistics are recomputed for the averaged weights before it is evaluated."""
     if not decay:
         return None
     for param in fresh_model.parameters():
