@@ -11,15 +11,19 @@ IMAGE_SHAPE = (1, 28, 28)
 # Input scaling from public knowledge only (pixels lie in [0, 1]), not from the private training images.
 MEAN, STD = (0.5,), (0.5,)
 
-# The best settings measured on real MNIST for epsilon <= 3 (delta 1e-5, rdp); see README's results.
+# Chosen on the validation split (the last 5000 training images) at epsilon 3 (delta 1e-5, rdp), never on the
+# test set: experiments/sweeps/mnist_tune.yaml and mnist_tune_long.yaml, README's results. The larger batch
+# with the weight average (De et al. 2022) reached 98.44% there against 98.36% for the earlier batch 512,
+# lr 0.5, 40 epochs: within one interval (+-0.37), at about the same training time.
 DEFAULTS = {
-    "epochs": 40,
-    "batch_size": 512,
+    "epochs": 80,
+    "batch_size": 2048,
     "physical_batch_size": 512,
     "optimizer": "sgd",
-    "lr": 0.5,
+    "lr": 2.0,
     "momentum": 0.9,
     "clip": 0.1,
+    "ema": 0.999,
     "target_epsilon": 3.0,
     "norm": "none",
     "act": "tanh",

@@ -88,8 +88,8 @@ def test_resume_refuses_a_different_private_set(tiny_root, tmp_path):
 
 def test_the_budget_guard_counts_what_the_accountant_recorded():
     """A history spent at a higher sample rate leaves fewer steps than the plan alone would allow."""
-    config = build_config({"dataset": "mnist", "noise": 1.0, "max_epsilon": 2.0, "epochs": 40, "accountant": "rdp"},
-                          MNIST_DEFAULTS)
+    config = build_config({"dataset": "mnist", "noise": 1.0, "max_epsilon": 2.0, "epochs": 40, "accountant": "rdp",
+                           "batch_size": 512}, MNIST_DEFAULTS)  # sample rate 1/118: 100 steps at twice it stay below 2
     plan = plan_privacy(config, n_train=60000)
     history = [(1.0, 2 * plan.sample_rate, 100)]
     assert epsilon_from_history("rdp", history, plan.delta) < 2.0
