@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.timing import median_ms
 
 CONFIGS = [("lenet5", "none", 512), ("lenet5", "bn-public", 512), ("resnet18", "group", 32)]
 
 
 def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    return median_ms(fn, steps=repeats, warmup=warmup, device=torch.device("cpu"))
 
 
 def measure(model_name: str, norm: str, batch: int, repeats: int, engine: str) -> dict:

@@ -24,7 +24,8 @@ def bench_training(model_name: str, norm: str, batch: int, engine: str, *, image
                    device: Optional[torch.device] = None, momentum: float = 0.9, recipe: Optional[dict] = None
                    ) -> BenchTraining:
     """Random uint8 images (4 batches) and 128 random public images; bn-public statistics already set.
-    ``recipe``: more settings (``ws``, ``augment``, ``augmult``) for the De et al. recipe's step."""
+    ``recipe``: more settings (``ws``, ``augment``, ``augmult`` for the De et al. recipe's step; ``bk_keep``,
+    ``bk_layer_budget``)."""
     from src.accounting import plan_privacy
     from src.config import build_config
     from src.data import ImageTensorDataset, PublicData

@@ -3,12 +3,16 @@
 Ghost clipping needs two backward passes: one for the per-sample norms, one for the reweighted loss.
 Book-keeping needs one, and not even a full one: autograd is asked for the gradients of the trainable
 layers' outputs only, so it propagates output gradients through the network but never forms a weight
-gradient (nor the input gradient of the first layer). Each layer then computes its per-sample gradient
-norms (ghost or instantiated, ``dp_layers.norm_rules``) from its recorded input and output gradient, and
-keeps what its clipped gradient sum needs: the per-sample gradients where they were instantiated (early,
-wide-image layers), or its input and output gradient where the ghost norm was used. Once all norms are
-known, every layer's ``sum_i c_i g_i`` is one weight-gradient computation with the output gradients
-scaled by the clipping factors ``c_i``.
+gradient (nor the input gradient of the first layer). As each layer's output gradient arrives during that
+pass (a hook on the layer's output), the layer computes its per-sample gradient norms (ghost or instantiated,
+``dp_layers.norm_rules``) and keeps only what its clipped gradient sum will need; everything else it held is
+released there and then, so the step's memory is the backward pass's own plus one small state per layer.
+The state is whichever is smaller (``keeps_per_sample``): the per-sample gradients where the layer
+instantiated them and they are smaller than its input and output gradient (early, wide-image convolutions),
+else the input and the output gradient (and the per-sample gradients, if formed for the norm, are freed).
+Once all norms are known, every layer's ``sum_i c_i g_i`` is either a weighted sum of its kept per-sample
+gradients or one weight-gradient computation with the output gradients scaled by the clipping factors
+``c_i``; each layer's state is dropped as soon as its sum is taken.
 
 It plugs into Opacus as a ``GradSampleModuleFastGradientClipping`` subclass, so Opacus's DP optimizer
 adds the noise and its accountant counts the steps.
@@ -20,7 +24,10 @@ per-sample norm is that call's norm, and that call's clipped sum is its gradient
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
@@ -31,10 +38,15 @@ from torch import nn
 from dp_layers.augmult import current_views, per_view, sum_views, view_share, views_as_tokens
 from dp_layers.norm_rules import CONV_TYPES, conv_bias_per_sample, conv_plan, conv_weight_norms
 from dp_layers.weight_standardization import WSConv2d, raw_weight_gradient, ws_weight_norms
+from src.engines import BK_KEEP_POLICIES
 
 ClippedSum = Callable[[torch.Tensor], Dict[nn.Parameter, torch.Tensor]]
 CONV_WEIGHT_GRADIENT = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch.nn.grad.conv2d_weight,
                         nn.Conv3d: torch.nn.grad.conv3d_weight}
+
+# What a layer that instantiated its per-sample gradients keeps for its clipped sum (``keeps_per_sample``).
+KEEP_POLICIES = BK_KEEP_POLICIES
+KEPT_PER_SAMPLE, KEPT_FACTORS = "per-sample gradients", "input and output gradient"
 
 
 class UnsupportedModelError(ValueError):
@@ -48,6 +60,57 @@ UNRECORDED_ADVICE = ("its per-sample norms would be stale; put it in train mode 
                      "(requires_grad=False)")
 
 
+def keeps_per_sample(policy: str, per_sample_numel: int, factors_numel: int) -> bool:
+    """Whether a layer whose per-sample gradients were instantiated (for its norm) keeps them for its clipped
+    sum, or keeps its input and output gradient instead and frees them. ``smaller`` (the default) keeps
+    whichever holds fewer numbers: at 32x32 ResNet-18's stem and first stage keep per-sample gradients
+    (64x64x9 weights against 64x1024 input and output positions), deeper layers their factors, at the price of
+    one weight-gradient convolution each for the sum. ``per-sample`` and ``factors`` force one side (tests and
+    benchmarks compare them); either gives the same update up to the summation order."""
+    if policy not in KEEP_POLICIES:
+        raise ValueError(f"unknown keep policy {policy!r}; expected one of {', '.join(KEEP_POLICIES)}")
+    if policy == "smaller":
+        return per_sample_numel <= factors_numel
+    return policy == "per-sample"
+
+
+KEPT_NOTHING = "nothing: a second backward pass computes its clipped sum"
+
+
+def planned_state(layer: nn.Module, input_shape: tuple, output_shape: tuple, views: int = 1,
+                  keep: str = "smaller") -> Tuple[str, int]:
+    """What one call of ``layer`` on batch-first ``input_shape`` rows (``views`` per example) keeps for its
+    clipped sum, and how many numbers: the rules below decide the same way from the same sizes. Used to
+    apply the memory budget before the backward pass and by ``--explain-engine``."""
+    examples = input_shape[0] // views
+    rule = _rule_for(layer)
+    if rule is linear_rule and len(input_shape) != 2:
+        rule = generic_rule
+    if rule is generic_rule:
+        return KEPT_PER_SAMPLE, examples * sum(p.numel() for p in covered_parameters(layer))
+    factors = math.prod(input_shape) + math.prod(output_shape)
+    if rule is linear_rule:
+        return KEPT_FACTORS, factors
+    bias = examples * layer.out_channels if layer.bias is not None and layer.bias.requires_grad else 0
+    if not layer.weight.requires_grad:
+        return KEPT_PER_SAMPLE, bias
+    per_sample = examples * layer.weight.numel()
+    instantiated = conv_plan(layer, input_shape, views=views).method == "instantiate"
+    if instantiated and keeps_per_sample(keep, per_sample, factors):
+        return KEPT_PER_SAMPLE, per_sample + bias
+    return KEPT_FACTORS, factors + bias
+
+
+@dataclass
+class LayerBook:
+    """One layer call's part of a step: its per-sample norms, the function that returns its clipped sum
+    ``sum_i c_i g_i`` once the clipping factors are known, and what that function keeps alive until then."""
+
+    norms: Dict[nn.Parameter, torch.Tensor]
+    clipped_sum: ClippedSum
+    kept: str
+
+
 def _weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return torch.einsum("b,b...->...", coef.to(per_sample.dtype), per_sample)
 
@@ -56,27 +119,80 @@ def _scale(backprops: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return backprops * coef.to(backprops.dtype).view(-1, *([1] * (backprops.dim() - 1)))
 
 
+def _sum_of(parts: List[ClippedSum]) -> ClippedSum:
+    """One clipped-sum function from the parts of a layer (each closes over its own tensors only, so that
+    what one part does not need is not kept alive by another's closure)."""
+    def clipped_sum(coef):
+        grads = {}
+        for part in parts:
+            grads.update(part(coef))
+        return grads
+
+    return clipped_sum
+
+
+def _per_sample_part(per_sample: Dict[nn.Parameter, torch.Tensor]) -> ClippedSum:
+    return lambda coef: {p: _weighted_sum(gs, coef).reshape(p.shape) for p, gs in per_sample.items()}
+
+
+def _conv_weight_part(layer: nn.Module, x: torch.Tensor, share: torch.Tensor, views: int,
+                      standardized: bool = False) -> ClippedSum:
+    """The clipped sum of a convolution's weight from its input and output gradient: one weight-gradient
+    convolution with each row's output gradient scaled by its example's factor (for a weight-standardized
+    layer, taken through the standardization: J^T is linear and the same for every example)."""
+    weight_gradient = next(f for t, f in CONV_WEIGHT_GRADIENT.items() if isinstance(layer, t))
+
+    def part(coef):
+        summed = weight_gradient(x, layer.weight.shape, _scale(share, per_view(coef, views)), stride=layer.stride,
+                                 padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        return {layer.weight: raw_weight_gradient(layer, summed.unsqueeze(0))[0] if standardized else summed}
+
+    return part
+
+
+def _conv_book(layer: nn.Module, x: torch.Tensor, share: torch.Tensor, views: int, keep: str,
+               weight_norms: Optional[torch.Tensor], per_sample: Optional[torch.Tensor],
+               standardized: bool = False) -> LayerBook:
+    """Norms, clipped sum and kept state of a convolution (plain or weight-standardized) whose weight norms
+    (and, if instantiated, per-sample weight gradients) are computed; the bias's per-sample gradients are
+    (B, out_channels), always kept."""
+    norms, parts, kept = {}, [], KEPT_PER_SAMPLE
+    if layer.weight.requires_grad:
+        norms[layer.weight] = weight_norms
+        if per_sample is not None and keeps_per_sample(keep, per_sample.numel(), x.numel() + share.numel()):
+            parts.append(_per_sample_part({layer.weight: per_sample}))
+        else:
+            parts.append(_conv_weight_part(layer, x, share, views, standardized))
+            kept = KEPT_FACTORS
+    if layer.bias is not None and layer.bias.requires_grad:
+        bias_per_sample = conv_bias_per_sample(share, views)
+        norms[layer.bias] = bias_per_sample.norm(2, dim=1)
+        parts.append(_per_sample_part({layer.bias: bias_per_sample}))
+    return LayerBook(norms, _sum_of(parts), kept)
+
+
 def linear_rule(layer: nn.Linear, activations: List[torch.Tensor], backprops: torch.Tensor,
-                views: int = 1) -> tuple:
+                views: int = 1, keep: str = "smaller") -> LayerBook:
     """For (B, features) inputs the norms factorise: ||g_i a_i^T|| = ||g_i|| ||a_i||. With augmult the K
-    rows of an example are its tokens: ||sum_k g_k a_k^T||^2 = sum_kl (g_k . g_l)(a_k . a_l)."""
+    rows of an example are its tokens: ||sum_k g_k a_k^T||^2 = sum_kl (g_k . g_l)(a_k . a_l). Keeps the
+    input and output gradient (never larger than the per-sample gradients of a dense layer)."""
     a = activations[0].to(backprops.dtype)
     if a.dim() != 2:
-        return generic_rule(layer, activations, backprops, views)
-    backprops = view_share(backprops, views)
+        return generic_rule(layer, activations, backprops, views, keep)
+    share = view_share(backprops, views)
     norms = {}
     if layer.weight.requires_grad:
         if views == 1:
-            norms[layer.weight] = backprops.norm(2, dim=1) * a.norm(2, dim=1)
+            norms[layer.weight] = share.norm(2, dim=1) * a.norm(2, dim=1)
         else:
-            g, x = views_as_tokens(backprops, views), views_as_tokens(a, views)
+            g, x = views_as_tokens(share, views), views_as_tokens(a, views)
             gram = torch.einsum("bkp,blp->bkl", g, g) * torch.einsum("bkd,bld->bkl", x, x)
             norms[layer.weight] = gram.sum(dim=(1, 2)).clamp(min=0).sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
-        norms[layer.bias] = sum_views(backprops, views).norm(2, dim=1)
+        norms[layer.bias] = sum_views(share, views).norm(2, dim=1)
 
     def clipped_sum(coef):
-        scaled = _scale(backprops, per_view(coef, views))
+        scaled = _scale(share, per_view(coef, views))
         grads = {}
         if layer.weight.requires_grad:
             grads[layer.weight] = scaled.t() @ a
@@ -84,91 +200,50 @@ def linear_rule(layer: nn.Linear, activations: List[torch.Tensor], backprops: to
             grads[layer.bias] = scaled.sum(dim=0)
         return grads
 
-    return norms, clipped_sum
+    return LayerBook(norms, clipped_sum, KEPT_FACTORS)
 
 
 def conv_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor,
-              views: int = 1) -> tuple:
+              views: int = 1, keep: str = "smaller") -> LayerBook:
     """Ghost norm or instantiated per-sample gradient, whichever the plan finds cheaper (with augmult, over
-    the K*T positions of an example's views)."""
+    the K*T positions of an example's views); then the smaller state (``keeps_per_sample``)."""
     x = activations[0].to(backprops.dtype)
-    backprops = view_share(backprops, views)
-    plan = conv_plan(layer, x.shape, views=views)
-    norms, per_sample = {}, None
+    share = view_share(backprops, views)
+    weight_norms = per_sample = None
     if layer.weight.requires_grad:
-        norms[layer.weight], per_sample = conv_weight_norms(layer, plan, x, backprops, views)
-    bias_per_sample = None
-    if layer.bias is not None and layer.bias.requires_grad:
-        bias_per_sample = conv_bias_per_sample(backprops, views)
-        norms[layer.bias] = bias_per_sample.norm(2, dim=1)
-
-    def clipped_sum(coef):
-        grads = {}
-        if layer.weight.requires_grad:
-            if per_sample is not None:
-                grads[layer.weight] = _weighted_sum(per_sample, coef).reshape(layer.weight.shape)
-            else:
-                grads[layer.weight] = CONV_WEIGHT_GRADIENT[type(layer)](
-                    x, layer.weight.shape, _scale(backprops, per_view(coef, views)), stride=layer.stride,
-                    padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-        if bias_per_sample is not None:
-            grads[layer.bias] = _weighted_sum(bias_per_sample, coef)
-        return grads
-
-    return norms, clipped_sum
+        weight_norms, per_sample = conv_weight_norms(layer, conv_plan(layer, x.shape, views=views), x, share, views)
+    return _conv_book(layer, x, share, views, keep, weight_norms, per_sample)
 
 
 def ws_conv_rule(layer: WSConv2d, activations: List[torch.Tensor], backprops: torch.Tensor,
-                 views: int = 1) -> tuple:
+                 views: int = 1, keep: str = "smaller") -> LayerBook:
     """Weight-standardized convolution: norms of the raw weight's per-sample gradients (ghost form or
     instantiated, ``dp_layers.weight_standardization``); the clipped sum is J^T of the clipped sum with
     respect to the standardized weight, J being the same for every example."""
     x = activations[0].to(backprops.dtype)
     share = view_share(backprops, views)
-    weight_norms, raw = ws_weight_norms(layer, x, share, views)
-    norms, bias_per_sample = {}, None
+    weight_norms = raw = None
     if layer.weight.requires_grad:
-        norms[layer.weight] = weight_norms
-    if layer.bias is not None and layer.bias.requires_grad:
-        bias_per_sample = conv_bias_per_sample(share, views)
-        norms[layer.bias] = bias_per_sample.norm(2, dim=1)
-
-    def clipped_sum(coef):
-        grads = {}
-        if layer.weight.requires_grad:
-            if raw is not None:
-                grads[layer.weight] = _weighted_sum(raw, coef)
-            else:
-                summed = CONV_WEIGHT_GRADIENT[nn.Conv2d](
-                    x, layer.weight.shape, _scale(share, per_view(coef, views)), stride=layer.stride,
-                    padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-                grads[layer.weight] = raw_weight_gradient(layer, summed.unsqueeze(0))[0]
-        if bias_per_sample is not None:
-            grads[layer.bias] = _weighted_sum(bias_per_sample, coef)
-        return grads
-
-    return norms, clipped_sum
+        weight_norms, raw = ws_weight_norms(layer, x, share, views)
+    return _conv_book(layer, x, share, views, keep, weight_norms, raw, standardized=True)
 
 
 def generic_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor,
-                 views: int = 1) -> tuple:
+                 views: int = 1, keep: str = "smaller") -> LayerBook:
     """Any other layer: its registered Opacus grad sampler (or functorch) gives per-sample gradients,
     cheap for the small norm and affine layers this covers (with augmult, summed over each example's views)."""
     sampler = BookKeepingGradSampleModule.GRAD_SAMPLERS.get(type(layer), ft_compute_per_sample_gradient)
     per_row = sampler(layer, activations, view_share(backprops, views))
     per_sample = {p: sum_views(gs, views) for p, gs in per_row.items()}
     norms = {p: gs.reshape(len(gs), -1).norm(2, dim=1) for p, gs in per_sample.items()}
-    return norms, lambda coef: {p: _weighted_sum(gs, coef) for p, gs in per_sample.items()}
+    return LayerBook(norms, _per_sample_part(per_sample), KEPT_PER_SAMPLE)
 
 
 def _empty_batch_rule(layer: nn.Module, activations: List[torch.Tensor], backprops: torch.Tensor,
-                      views: int = 1) -> tuple:
+                      views: int = 1, keep: str = "smaller") -> LayerBook:
     params = [p for _, p in trainable_parameters(layer)]
-
-    def clipped_sum(coef):
-        return {p: torch.zeros_like(p) for p in params}
-
-    return {p: backprops.new_zeros(0) for p in params}, clipped_sum
+    return LayerBook({p: backprops.new_zeros(0) for p in params},
+                     lambda coef: {p: torch.zeros_like(p) for p in params}, "nothing")
 
 
 def _rule_for(layer: nn.Module):
@@ -181,13 +256,52 @@ def _rule_for(layer: nn.Module):
     return generic_rule
 
 
+def covered_parameters(module: nn.Module) -> List[nn.Parameter]:
+    """The trainable parameters whose per-sample norm and clipped sum one recorded call of ``module``
+    provides: its own (direct) parameters for the layers with a rule or a registered grad sampler
+    (their trainable children are recorded themselves, ``iterate_submodules``), the whole subtree for
+    the layers functorch handles (``ft_compute_per_sample_gradient`` differentiates all of them)."""
+    direct = (isinstance(module, nn.Linear) or isinstance(module, CONV_TYPES)
+              or type(module) in BookKeepingGradSampleModule.GRAD_SAMPLERS)
+    return [p for p in module.parameters(recurse=not direct) if p.requires_grad]
+
+
+@dataclass(eq=False)
+class _Record:
+    """One recorded layer call: its inputs (detached) until its output gradient arrives, then its book."""
+
+    module: nn.Module
+    activations: Optional[List[torch.Tensor]]
+    output_like: tuple  # (shape, dtype, device) of the output: zeros stand in if it never gets a gradient
+    recompute: bool = False  # over the layer budget: keep only its norms (``BookKeepingGradSampleModule``)
+    book: Optional[LayerBook] = None
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What the output-gradient hooks need while ``clipped_backward`` runs its backward pass."""
+
+    examples: int
+    views: int
+    scale: float
+
+
 class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
     """Opacus fast-gradient-clipping module that does the book-keeping (module doc).
 
-    Forward hooks record each trainable layer's input and output. ``clipped_backward(per_sample_losses)``
-    then asks autograd for the gradients of those outputs alone (so no weight gradient and no input
-    gradient of the first layer is ever formed), applies each layer's rule, and leaves ``sum_i c_i g_i``
-    in every parameter's ``.grad``, as the second backward pass of ghost clipping would.
+    Forward hooks record each trainable layer's input and put a hook on its output.
+    ``clipped_backward(per_sample_losses)`` then runs one backward pass towards the outputs of the layers that
+    read no gradient-carrying input (and towards any model input that requires a gradient), which reaches
+    every recorded output; no weight gradient is ever formed. As each output's gradient arrives its hook
+    applies the layer's rule and frees what the layer no longer needs (``LayerBook``). Once the pass is done
+    it leaves ``sum_i c_i g_i`` in every parameter's ``.grad``, as the second backward pass of ghost clipping
+    would, releasing each layer's state as soon as its sum is taken.
+
+    ``keep`` chooses what layers with instantiated per-sample gradients keep (``keeps_per_sample``).
+    ``layer_budget_mb`` trades time for memory, per layer and explicitly: a layer whose kept state for the
+    batch would exceed it (``planned_state``) keeps only its norms, and its clipped sum comes from a second
+    backward pass of ``sum_i c_i loss_i`` over the retained graph (ghost clipping's way, Li et al. 2022);
+    with no budget (the default) there is no second pass.
 
     Models whose parameters are not covered by exactly one recorded layer call (shared or tied weights, a
     trainable layer in eval mode or unused) are refused with ``UnsupportedModelError``: at every step by
@@ -195,14 +309,19 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
     """
 
     def __init__(self, m: nn.Module, *, batch_first: bool = True, loss_reduction: str = "mean",
-                 max_grad_norm: float = 1.0, strict: bool = True):
-        self._records: List[tuple] = []
+                 max_grad_norm: float = 1.0, strict: bool = True, keep: str = "smaller",
+                 layer_budget_mb: Optional[float] = None):
+        keeps_per_sample(keep, 0, 0)  # refuse an unknown policy now, not at the first step
+        self.keep, self.layer_budget_mb = keep, layer_budget_mb
+        self._records: List[_Record] = []
+        self._sources: List[torch.Tensor] = []  # where the backward pass must arrive (``_record_layer``)
+        self._step: Optional[_Step] = None  # set while clipped_backward's backward pass runs
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict,
                          max_grad_norm=max_grad_norm, use_ghost_clipping=True)
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
                   force_functorch: bool = False) -> None:
-        """Forward hooks only: the backward work happens in ``clipped_backward``."""
+        """Forward hooks only: the backward work happens in the output hooks they register."""
         if hasattr(self._module, "autograd_grad_sample_hooks"):
             raise ValueError("Trying to add hooks twice to the same model")
         self._module.autograd_grad_sample_hooks = []
@@ -211,40 +330,100 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
             self.autograd_grad_sample_hooks.append(module.register_forward_hook(self._record_layer))
         self.enable_hooks()
 
+    def forward(self, *args, **kwargs):
+        """The model's forward pass; a model input that requires a gradient becomes a target of the backward
+        pass, so that layers reached only through it still get their output gradients."""
+        recorded = len(self._records)
+        output = super().forward(*args, **kwargs)
+        if len(self._records) > recorded:
+            self._add_sources(t for t in (*args, *kwargs.values())
+                              if isinstance(t, torch.Tensor) and t.requires_grad)
+        return output
+
+    def _add_sources(self, tensors: Iterable[torch.Tensor]) -> None:
+        for tensor in tensors:
+            if not any(tensor is known for known in self._sources):
+                self._sources.append(tensor)
+
     def _record_layer(self, module: nn.Module, inputs, output) -> None:
-        if self.hooks_enabled and module.training and torch.is_grad_enabled() and requires_grad(module):
-            self._records.append((module, [t.detach() for t in inputs], output))
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled() and requires_grad(module)):
+            return
+        record = _Record(module, [t.detach() for t in inputs], (output.shape, output.dtype, output.device),
+                         recompute=self._over_budget(module, inputs, output))
+        self._records.append(record)
+        if not output.requires_grad:
+            return
+        # A layer whose inputs carry no gradient starts a path of the backward pass: aiming the pass at its
+        # output reaches every recorded output downstream (any trainable parameter upstream of a layer is
+        # covered by a recorded call, ``check_records``), without capturing any other output gradient.
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            self._sources.append(output)
+        output.register_hook(functools.partial(self._on_output_gradient, record))
+
+    def _over_budget(self, module: nn.Module, inputs, output: torch.Tensor) -> bool:
+        if self.layer_budget_mb is None:
+            return False
+        _, numel = planned_state(module, tuple(inputs[0].shape), tuple(output.shape), current_views(), self.keep)
+        return numel * output.element_size() > self.layer_budget_mb * 2 ** 20
+
+    def _on_output_gradient(self, record: _Record, grad: torch.Tensor) -> None:
+        """Autograd hands over a recorded output's gradient: do the layer's book-keeping now, so that its
+        input and output gradient are freed unless its clipped sum needs them."""
+        if self._step is not None and record.book is None:
+            self._book(record, grad, self._step)
+
+    def _book(self, record: _Record, grad: torch.Tensor, step: _Step) -> None:
+        # Per-view gradients of the per-view losses (as Opacus's hooks scale them); each rule takes 1/K of
+        # them as the view's share of its example's gradient. A new tensor: autograd may hand the same
+        # gradient to two outputs (a residual block's branches), so nothing here may scale in place.
+        backprops = grad.detach() * step.scale
+        rule = _empty_batch_rule if step.examples == 0 else _rule_for(record.module)
+        book = rule(record.module, record.activations, backprops, step.views, self.keep)
+        if record.recompute and step.examples > 0:
+            book = LayerBook(book.norms, None, KEPT_NOTHING)  # its state is freed here
+        record.book, record.activations = book, None
 
     def clipped_backward(self, per_sample_losses: torch.Tensor) -> None:
         records, self._records = self._records, []  # a refused step must not poison the next one
+        sources, self._sources = self._sources, []
         self.check_records(records)  # before any .grad or _norm_sample is touched: a refused step changes nothing
         n, views = per_sample_losses.shape[0], current_views()  # examples; augmult views of each (dp_layers.augmult)
-        reduced = per_sample_losses.mean() if self.loss_reduction == "mean" else per_sample_losses.sum()
-        output_grads = torch.autograd.grad(reduced, [output for _, _, output in records], allow_unused=True)
-        # Per-view gradients of the per-view losses (as Opacus's hooks scale them); each rule takes 1/K of
-        # them as the view's share of its example's gradient.
-        scale = n * views if self.loss_reduction == "mean" else views
-        clipped_sums = []
-        for (module, activations, output), grad in zip(records, output_grads):
-            backprops = torch.zeros_like(output) if grad is None else grad.detach() * scale
-            rule = _empty_batch_rule if n == 0 else _rule_for(module)
-            norms, clipped_sum = rule(module, activations, backprops, views)
-            for param, norm in norms.items():
+        step = _Step(examples=n, views=views, scale=n * views if self.loss_reduction == "mean" else views)
+        second_pass = n > 0 and any(record.recompute for record in records)
+        if n > 0 and sources and per_sample_losses.requires_grad:
+            reduced = per_sample_losses.mean() if self.loss_reduction == "mean" else per_sample_losses.sum()
+            self._step = step
+            try:  # the hooks do the work
+                torch.autograd.grad(reduced, sources, allow_unused=True, retain_graph=second_pass)
+            finally:
+                self._step = None
+        for record in records:
+            if record.book is None:  # its output does not reach the loss (or the batch is empty): no gradient
+                shape, dtype, device = record.output_like
+                self._book(record, torch.zeros(shape, dtype=dtype, device=device), step)
+            for param, norm in record.book.norms.items():
                 param._norm_sample = norm
-            clipped_sums.append(clipped_sum)
         coef = self.get_clipping_coef()
-        for clipped_sum in clipped_sums:
-            for param, grad in clipped_sum(coef).items():
-                param.grad = grad if param.grad is None else param.grad + grad
+        if second_pass:
+            self._recompute_clipped_sums(records, per_sample_losses, coef)
+        for record in records:
+            book, record.book = record.book, None  # each layer's state goes as soon as its sum is taken
+            if book.clipped_sum is not None:
+                for param, grad in book.clipped_sum(coef).items():
+                    param.grad = grad if param.grad is None else param.grad + grad
+            del book
 
-    def _covered_parameters(self, module: nn.Module) -> List[nn.Parameter]:
-        """The trainable parameters whose per-sample norm and clipped sum one recorded call of ``module``
-        provides: its own (direct) parameters for the layers with a rule or a registered grad sampler
-        (their trainable children are recorded themselves, ``iterate_submodules``), the whole subtree for
-        the layers functorch handles (``ft_compute_per_sample_gradient`` differentiates all of them)."""
-        direct = (isinstance(module, nn.Linear) or isinstance(module, CONV_TYPES)
-                  or type(module) in BookKeepingGradSampleModule.GRAD_SAMPLERS)
-        return [p for p in module.parameters(recurse=not direct) if p.requires_grad]
+    @staticmethod
+    def _recompute_clipped_sums(records: List[_Record], per_sample_losses: torch.Tensor,
+                                coef: torch.Tensor) -> None:
+        """The clipped sums of the layers over the budget: the gradient of sum_i c_i loss_i (c_i fixed) with
+        respect to their parameters alone, from the graph the first pass retained (then released)."""
+        params = [p for record in records if record.book.clipped_sum is None for p in record.book.norms]
+        weighted = (coef.to(per_sample_losses.dtype) * per_sample_losses).sum()
+        grads = torch.autograd.grad(weighted, params, allow_unused=True)
+        for param, grad in zip(params, grads):
+            grad = torch.zeros_like(param) if grad is None else grad
+            param.grad = grad if param.grad is None else param.grad + grad
 
     def check_records(self, records: Iterable[tuple]) -> None:
         """Refuse (``UnsupportedModelError``) unless the step's records cover every trainable parameter of
@@ -265,9 +444,9 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         """
         records = list(records)
         owners: Dict[int, List[nn.Module]] = {}  # id(param) -> the layer calls that cover it, in call order
-        for module, _, _ in records:
-            for param in self._covered_parameters(module):
-                owners.setdefault(id(param), []).append(module)
+        for record in records:
+            for param in covered_parameters(record.module):
+                owners.setdefault(id(param), []).append(record.module)
         trainable = [param for _, param in trainable_parameters(self._module)]
         shared = [param for param in trainable if len(owners.get(id(param), ())) > 1]
         if shared:
@@ -335,6 +514,7 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
                                  dtype=first.dtype if example.is_floating_point() and first.is_floating_point()
                                  else None)
         earlier, self._records = self._records, []
+        earlier_sources, self._sources = self._sources, []
         hooks_were_enabled = self.hooks_enabled
         buffers = [(b, b.detach().clone()) for b in self._module.buffers()]
         devices = [example.device.index if example.device.index is not None else torch.cuda.current_device()] \
@@ -345,7 +525,7 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
                 self._module(example)
             self.check_records(self._records)
         finally:
-            self._records = earlier
+            self._records, self._sources = earlier, earlier_sources
             self.hooks_enabled = hooks_were_enabled
             with torch.no_grad():
                 for buffer, saved in buffers:

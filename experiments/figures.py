@@ -98,10 +98,11 @@ def engine_benchmark(rows_path: Path, out: Path, name: str) -> list:
     rows = pd.DataFrame(json.loads(Path(rows_path).read_text()))
     rows = rows[rows["engine"] != "non-private"].dropna(subset=["time_ratio"])
     rows["configuration"] = rows["model"] + " " + rows["norm"] + " b" + rows["batch"].astype(str)
-    long = rows.melt(id_vars=["configuration", "engine"], value_vars=["time_ratio", "mem_ratio"],
-                     var_name="measure", value_name="ratio")
-    long["measure"] = long["measure"].map({"time_ratio": "step time / non-private",
-                                           "mem_ratio": "peak memory / non-private"})
+    labels = {"time_ratio": "step time / non-private", "working_set_ratio": "working set / non-private",
+              "mem_ratio": "peak memory / non-private"}
+    measures = [m for m in labels if m in rows and rows[m].notna().any()]  # older rows: no working set
+    long = rows.melt(id_vars=["configuration", "engine"], value_vars=measures, var_name="measure", value_name="ratio")
+    long["measure"] = long["measure"].map(labels)
     grid = sns.catplot(data=long, x="configuration", y="ratio", hue="engine", col="measure", kind="bar",
                        height=3.6, aspect=1.5, sharey=False)
     grid.set_axis_labels("", "ratio to non-private training (x)")

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 from attacks.defaults import ATTACKS, PGD_NORMS, default_alpha
 from dp_layers.norms import NORM_KINDS
-from src.engines import ENGINE_NAMES
+from src.engines import BK_KEEP_POLICIES, ENGINE_NAMES
 from src.errors import UserError
 from src.settings import section_settings, setting
 
@@ -150,6 +150,14 @@ class PrivacyConfig:
                           help="per-sample gradient engine: Opacus's hooks, functorch or ghost; mixed-ghost (ghost "
                                "clipping with norm rules for every layer); bk (book-keeping, one backward pass); "
                                "or non-private training")
+    bk_keep: str = setting(BK_KEEP_POLICIES[0], choices=BK_KEEP_POLICIES,
+                           help="--engine bk: what a layer that formed per-sample gradients for its norm keeps until "
+                                "its clipped sum: the smaller of those and its input + output gradient (least "
+                                "memory), per-sample (fastest), or factors (input + output gradient)")
+    bk_layer_budget: Optional[float] = setting(None, metavar="MB",
+                                               help="--engine bk: a layer whose kept state would exceed MB (one "
+                                                    "physical batch) keeps only its norms, and a second backward "
+                                                    "pass computes its clipped sum: less memory, more time")
     noise: Optional[float] = setting(None, metavar="SIGMA", help="noise multiplier (replaces the dataset's "
                                                                  "--target-epsilon)")
     target_epsilon: Optional[float] = setting(None, metavar="EPS",
@@ -366,6 +374,10 @@ def validate(config: Config) -> None:
     _require(d.public_size >= 1, f"--public-size must be at least 1, got {d.public_size}")
     _require(not (d.public_holdout and d.public_data),
              "--public-holdout and --public-data both choose the public set; give one of them")
+    _require(p.engine == "bk" or (p.bk_keep == BK_KEEP_POLICIES[0] and p.bk_layer_budget is None),
+             f"--bk-keep and --bk-layer-budget choose what --engine bk keeps; --engine {p.engine} keeps no such state")
+    _require(p.bk_layer_budget is None or p.bk_layer_budget >= 0,
+             f"--bk-layer-budget must be non-negative (MB), got {p.bk_layer_budget}")
     _require(p.accountant in RIGOROUS_ACCOUNTANTS, f"--accountant: {accountant_refusal(p.accountant)}")
     _require(0 < p.delta < 1, f"--delta must be in (0, 1), got {p.delta}")
     _require(p.clip > 0, f"--clip must be positive, got {p.clip}")

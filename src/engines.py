@@ -42,4 +42,7 @@ ENGINES = {engine.name: engine for engine in (
            "Plain training: no per-sample gradients, no clipping, no noise.", private=False),
 )}
 ENGINE_NAMES = tuple(ENGINES)
+# bk: what a layer that formed its per-sample gradients (for its norm) keeps until its clipped sum
+# (``dp_layers.bk.keeps_per_sample``); the first is the default.
+BK_KEEP_POLICIES = ("smaller", "per-sample", "factors")
 PRIVATE_ENGINES = tuple(name for name, engine in ENGINES.items() if engine.private)

@@ -58,12 +58,22 @@ def _n_basis(config: Config, spec: DatasetSpec) -> str:
 
 def engine_table(config: Config, spec: DatasetSpec) -> str:
     """Markdown table of how ``--engine`` computes each layer's per-sample gradient norm."""
-    from dp_layers.explain import describe_layers
+    from dp_layers.explain import BookKeepingOptions, describe_layers
 
     model = spec.build_model(config.model)
-    rows = describe_layers(model, spec.image_shape, config.privacy.engine)
+    p = config.privacy
+    book_keeping = BookKeepingOptions(batch=config.train.physical_batch_size, views=config.train.augmult,
+                                      keep=p.bk_keep, layer_budget_mb=p.bk_layer_budget)
+    rows = describe_layers(model, spec.image_shape, p.engine, book_keeping)
+    kept = p.engine == "bk"
     lines = [f"{config.data.dataset} ({type(model).__name__}, norm {config.model.norm}), engine "
-             f"{config.privacy.engine}: {ENGINES[config.privacy.engine].summary}", "",
-             "| layer | type | input | parameters | per-sample gradient norm |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['layer']} | {r['type']} | {r['input']} | {r['parameters']} | {r['method']} |" for r in rows]
+             f"{p.engine}: {ENGINES[p.engine].summary}", ""]
+    if kept:
+        lines += [f"Kept until the clipped sums: for a physical batch of {config.train.physical_batch_size} "
+                  f"(x{config.train.augmult} views), --bk-keep {p.bk_keep}"
+                  + (f", --bk-layer-budget {p.bk_layer_budget:g} MB" if p.bk_layer_budget is not None else ""), ""]
+    lines += ["| layer | type | input | parameters | per-sample gradient norm |" + (" kept |" if kept else ""),
+              "| --- | --- | --- | --- | --- |" + (" --- |" if kept else "")]
+    lines += [f"| {r['layer']} | {r['type']} | {r['input']} | {r['parameters']} | {r['method']} |"
+              + (f" {r['kept']} |" if kept else "") for r in rows]
     return "\n".join(lines)

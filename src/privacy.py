@@ -194,7 +194,8 @@ def _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generat
 def _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator) -> Training:
     """bk: the same Opacus parts that ``make_private`` assembles for ghost clipping (Poisson loader,
     fast-gradient-clipping optimizer, accountant hook), around the book-keeping module."""
-    module = BookKeepingGradSampleModule(model, loss_reduction="mean", max_grad_norm=config.privacy.clip)
+    module = BookKeepingGradSampleModule(model, loss_reduction="mean", max_grad_norm=config.privacy.clip,
+                                         keep=config.privacy.bk_keep, layer_budget_mb=config.privacy.bk_layer_budget)
     module.forbid_grad_accumulation()
     dp_optimizer = DPOptimizerFastGradientClipping(
         optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip,

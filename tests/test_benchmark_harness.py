@@ -11,18 +11,22 @@ from benchmarks import engines
 def test_one_configuration_measures_a_real_step(engine):
     result = engines.measure("lenet5", "bn-public", 8, engine, steps=1, warmup=1)
     assert result["step_ms"] > 0 and result["peak_mb"] > 0
+    assert 0 < result["working_set_mb"] < result["peak_mb"]  # the steps' own memory, not the interpreter's
 
 
 def test_rows_are_ratios_against_non_private_of_the_same_run():
     config = ("resnet18", "group", 32)
-    samples = {(config, "non-private"): [{"step_ms": 100.0, "peak_mb": 1000.0}, {"step_ms": 120.0, "peak_mb": 990.0}],
-               (config, "bk"): [{"step_ms": 130.0, "peak_mb": 1100.0}, {"step_ms": 150.0, "peak_mb": 1050.0}],
+    samples = {(config, "non-private"): [{"step_ms": 100.0, "peak_mb": 1000.0, "working_set_mb": 200.0},
+                                         {"step_ms": 120.0, "peak_mb": 990.0, "working_set_mb": 190.0}],
+               (config, "bk"): [{"step_ms": 130.0, "peak_mb": 1100.0, "working_set_mb": 300.0},
+                                {"step_ms": 150.0, "peak_mb": 1050.0, "working_set_mb": 250.0}],
                (config, "hooks"): [{"error": "out of memory"}]}
     rows = engines.summarise([config], ["non-private", "bk", "hooks"], samples)
     by_engine = {r["engine"]: r for r in rows}
     assert set(by_engine["bk"]) >= {"model", "norm", "batch", "engine", "step_ms", "peak_mb", "time_ratio", "mem_ratio"}
     assert by_engine["bk"]["step_ms"] == 140.0 and by_engine["bk"]["time_ratio"] == pytest.approx(140 / 110)
     assert by_engine["bk"]["mem_ratio"] == pytest.approx(1100 / 1000)
+    assert by_engine["bk"]["working_set_ratio"] == pytest.approx(300 / 200)
     assert by_engine["non-private"]["time_ratio"] == 1.0
     assert by_engine["hooks"]["error"] == "out of memory" and by_engine["hooks"]["time_ratio"] is None
     table = engines.markdown(rows)
@@ -52,3 +56,21 @@ def test_a_plain_benchmark_step_is_plain_whatever_the_dataset_defaults():
     assert plain.views is None and not any(isinstance(m, WSConv2d) for m in plain.training.model.modules())
     recipe = bench_training("resnet18", "group", 2, "non-private", recipe={"ws": True, "augment": True, "augmult": 2})
     assert recipe.views.views == 2 and any(isinstance(m, WSConv2d) for m in recipe.training.model.modules())
+
+
+def test_the_working_set_is_the_memory_a_step_holds_at_its_peak():
+    """``benchmarks.timing``: a step that holds 200 MB at its peak (and frees it) has a working set of about
+    200 MB whatever the interpreter already holds; a step that holds nothing has about none."""
+    import torch
+
+    from benchmarks.timing import measure_step
+
+    def holds_200_mb():
+        block = torch.ones(50 * 2 ** 20)  # 200 MB of float32, written so that every page is resident
+        del block
+
+    cpu = torch.device("cpu")
+    busy = measure_step(holds_200_mb, steps=2, warmup=1, device=cpu)
+    idle = measure_step(lambda: None, steps=2, warmup=1, device=cpu)
+    assert 190 <= busy.working_set_mb <= 260 and busy.peak_mb > busy.working_set_mb
+    assert idle.working_set_mb < 20 and busy.step_ms > 0
