@@ -284,6 +284,7 @@ class _Step:
     examples: int
     views: int
     scale: float
+    second_pass: bool = False  # layers over the budget keep only their norms (their sums come from it)
 
 
 class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
@@ -379,7 +380,7 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         backprops = grad.detach() * step.scale
         rule = _empty_batch_rule if step.examples == 0 else _rule_for(record.module)
         book = rule(record.module, record.activations, backprops, step.views, self.keep)
-        if record.recompute and step.examples > 0:
+        if record.recompute and step.second_pass:
             book = LayerBook(book.norms, None, KEPT_NOTHING)  # its state is freed here
         record.book, record.activations = book, None
 
@@ -388,9 +389,11 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         sources, self._sources = self._sources, []
         self.check_records(records)  # before any .grad or _norm_sample is touched: a refused step changes nothing
         n, views = per_sample_losses.shape[0], current_views()  # examples; augmult views of each (dp_layers.augmult)
-        step = _Step(examples=n, views=views, scale=n * views if self.loss_reduction == "mean" else views)
-        second_pass = n > 0 and any(record.recompute for record in records)
-        if n > 0 and sources and per_sample_losses.requires_grad:
+        backward = n > 0 and bool(sources) and per_sample_losses.requires_grad
+        second_pass = backward and any(record.recompute for record in records)
+        step = _Step(examples=n, views=views, scale=n * views if self.loss_reduction == "mean" else views,
+                     second_pass=second_pass)
+        if backward:
             reduced = per_sample_losses.mean() if self.loss_reduction == "mean" else per_sample_losses.sum()
             self._step = step
             try:  # the hooks do the work
@@ -425,7 +428,7 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
             grad = torch.zeros_like(param) if grad is None else grad
             param.grad = grad if param.grad is None else param.grad + grad
 
-    def check_records(self, records: Iterable[tuple]) -> None:
+    def check_records(self, records: Iterable[_Record]) -> None:
         """Refuse (``UnsupportedModelError``) unless the step's records cover every trainable parameter of
         the model exactly once.
 
