@@ -44,12 +44,13 @@ def measure(model_name: str, norm: str, batch: int, engine: str, steps: int, war
             image_size: int = 0, recipe: Optional[dict] = None) -> dict:
     """One configuration, in this process: median step time (ms), working set and peak memory (MB). The step
     is the training loop's own (``src.loop._physical_step``: augmentation views, forward, backward, clipping,
-    noise); ``options`` are more settings of the run (``--bk-keep``, ``--bk-layer-budget``)."""
+    noise); ``recipe`` holds more settings of the run (``ws``, ``augmult``, ``bk_keep``, ``bk_layer_budget``). A
+    peer engine (``benchmarks.peers``) wraps the same model, weights and batch instead."""
     from benchmarks.setup import bench_training
     from benchmarks.timing import measure_step
     from src.loop import _physical_step
 
-    if engine in PEERS:  # the same model, weights and batch, wrapped by the peer instead (benchmarks.peers)
+    if engine in PEERS:
         from benchmarks.peers import peer_step
 
         bench = bench_training(model_name, norm, batch, "non-private", image_size=image_size, recipe=recipe)

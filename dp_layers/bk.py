@@ -47,6 +47,8 @@ CONV_WEIGHT_GRADIENT = {nn.Conv1d: torch.nn.grad.conv1d_weight, nn.Conv2d: torch
 # What a layer that instantiated its per-sample gradients keeps for its clipped sum (``keeps_per_sample``).
 KEEP_POLICIES = BK_KEEP_POLICIES
 KEPT_PER_SAMPLE, KEPT_FACTORS = "per-sample gradients", "input and output gradient"
+KEPT_NOTHING = "nothing: a second backward pass computes its clipped sum"  # over --bk-layer-budget
+KEPT_EMPTY = "nothing: an empty batch"
 
 
 class UnsupportedModelError(ValueError):
@@ -72,9 +74,6 @@ def keeps_per_sample(policy: str, per_sample_numel: int, factors_numel: int) -> 
     if policy == "smaller":
         return per_sample_numel <= factors_numel
     return policy == "per-sample"
-
-
-KEPT_NOTHING = "nothing: a second backward pass computes its clipped sum"
 
 
 def planned_state(layer: nn.Module, input_shape: tuple, output_shape: tuple, views: int = 1,
@@ -104,10 +103,11 @@ def planned_state(layer: nn.Module, input_shape: tuple, output_shape: tuple, vie
 @dataclass
 class LayerBook:
     """One layer call's part of a step: its per-sample norms, the function that returns its clipped sum
-    ``sum_i c_i g_i`` once the clipping factors are known, and what that function keeps alive until then."""
+    ``sum_i c_i g_i`` once the clipping factors are known (None for a layer over the budget, whose sum the
+    second backward pass computes), and what that function keeps alive until then."""
 
     norms: Dict[nn.Parameter, torch.Tensor]
-    clipped_sum: ClippedSum
+    clipped_sum: Optional[ClippedSum]
     kept: str
 
 
@@ -243,7 +243,7 @@ def _empty_batch_rule(layer: nn.Module, activations: List[torch.Tensor], backpro
                       views: int = 1, keep: str = "smaller") -> LayerBook:
     params = [p for _, p in trainable_parameters(layer)]
     return LayerBook({p: backprops.new_zeros(0) for p in params},
-                     lambda coef: {p: torch.zeros_like(p) for p in params}, "nothing")
+                     lambda coef: {p: torch.zeros_like(p) for p in params}, KEPT_EMPTY)
 
 
 def _rule_for(layer: nn.Module):

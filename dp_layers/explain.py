@@ -46,6 +46,16 @@ def _method(engine: str, module: nn.Module, input_shape: tuple) -> str:
     return "per-sample gradient, then its norm (a few parameters per channel)"
 
 
+@dataclass(frozen=True)
+class BookKeepingOptions:
+    """The run settings that decide bk's kept state: physical batch (examples), augmult views, policy, budget."""
+
+    batch: int
+    views: int = 1
+    keep: str = "smaller"
+    layer_budget_mb: Optional[float] = None
+
+
 def _kept(module: nn.Module, input_shape: tuple, output_shape: tuple, book_keeping: BookKeepingOptions) -> str:
     """What bk keeps for this layer's clipped sum, for the run's physical batch (``dp_layers.bk``)."""
     rows = book_keeping.batch * book_keeping.views
@@ -55,16 +65,6 @@ def _kept(module: nn.Module, input_shape: tuple, output_shape: tuple, book_keepi
     if book_keeping.layer_budget_mb is not None and megabytes > book_keeping.layer_budget_mb:
         return f"{KEPT_NOTHING} ({megabytes:.3g} MB over the budget)"
     return f"{kept} ({numel // book_keeping.batch} numbers/example, {megabytes:.3g} MB)"
-
-
-@dataclass(frozen=True)
-class BookKeepingOptions:
-    """The run settings that decide bk's kept state: physical batch (examples), augmult views, policy, budget."""
-
-    batch: int
-    views: int = 1
-    keep: str = "smaller"
-    layer_budget_mb: Optional[float] = None
 
 
 def describe_layers(model: nn.Module, image_shape: tuple, engine: str,
