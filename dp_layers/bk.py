@@ -377,9 +377,13 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         # Per-view gradients of the per-view losses (as Opacus's hooks scale them); each rule takes 1/K of
         # them as the view's share of its example's gradient. A new tensor: autograd may hand the same
         # gradient to two outputs (a residual block's branches), so nothing here may scale in place.
-        backprops = grad.detach() * step.scale
+        # Under bf16 autocast (--precision bf16) the input and output gradient are upcast to the parameters'
+        # float32 first: norms, clipping factors and clipped sums are all taken in float32.
+        dtype = next(p.dtype for p in record.module.parameters())
+        backprops = grad.detach().to(dtype) * step.scale
+        activations = [a.to(dtype) if a.is_floating_point() else a for a in record.activations]
         rule = _empty_batch_rule if step.examples == 0 else _rule_for(record.module)
-        book = rule(record.module, record.activations, backprops, step.views, self.keep)
+        book = rule(record.module, activations, backprops, step.views, self.keep)
         if record.recompute and step.second_pass:
             book = LayerBook(book.norms, None, KEPT_NOTHING)  # its state is freed here
         record.book, record.activations = book, None
@@ -412,9 +416,15 @@ class BookKeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         for record in records:
             book, record.book = record.book, None  # each layer's state goes as soon as its sum is taken
             if book.clipped_sum is not None:
-                for param, grad in book.clipped_sum(coef).items():
-                    param.grad = grad if param.grad is None else param.grad + grad
+                self._add_clipped_sum(book, coef)
             del book
+
+    @staticmethod
+    def _add_clipped_sum(book: LayerBook, coef: torch.Tensor) -> None:
+        """Add a layer's clipped sum to its parameters' ``.grad`` (the seam tests use to audit, example by
+        example, what the sum is made of)."""
+        for param, grad in book.clipped_sum(coef).items():
+            param.grad = grad if param.grad is None else param.grad + grad
 
     @staticmethod
     def _recompute_clipped_sums(records: List[_Record], per_sample_losses: torch.Tensor,

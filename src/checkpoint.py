@@ -87,9 +87,9 @@ def _restore_global_rng(state: dict) -> None:
 def fingerprint(images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> str:
     """SHA-256 of a data set's shape, pixels and labels: equal only for the same examples in the same order."""
     digest = hashlib.sha256(repr(tuple(images.shape)).encode())
-    digest.update(np.ascontiguousarray(images.numpy()).data)
+    digest.update(np.ascontiguousarray(images.cpu().numpy()).data)
     if labels is not None:
-        digest.update(np.ascontiguousarray(labels.numpy()).data)
+        digest.update(np.ascontiguousarray(labels.cpu().numpy()).data)
     return digest.hexdigest()
 
 
@@ -114,17 +114,37 @@ def require_same_data(checkpoint: dict, identity: dict, run_path: Path) -> None:
                             "(another --data-root or changed files); resume with the same data")
 
 
+def rank_streams(generators: dict) -> dict:
+    """This process's random streams: the global ones and the run's generators (each rank of a multi-process
+    run has its own, ``src.distributed``)."""
+    return {"rng": _global_rng_state(),
+            "generators": {name: g.get_state() for name, g in generators.items() if g is not None},
+            "device": _generator_device(generators)}
+
+
+def _generator_device(generators: dict) -> str:
+    """The device type of the run's device generators ('cpu' or 'cuda'): their states fit only that type."""
+    kinds = {g.device.type for name, g in generators.items() if g is not None and name != "sampling"}
+    return kinds.pop() if len(kinds) == 1 else "cpu"
+
+
 def capture(*, model: torch.nn.Module, optimizer, history: list, generators: dict, position: Position,
-            metrics: list, summary: dict, seeds: dict, data_identity: dict, ema=None) -> dict:
+            metrics: list, summary: dict, seeds: dict, data_identity: dict, ema=None,
+            streams_by_rank: Optional[list] = None) -> dict:
     """The checkpoint as a plain dict of tensors and Python values (loadable with ``weights_only=True``);
-    ``ema``: the --ema average of the weights (torch's AveragedModel), with its update count."""
+    ``ema``: the --ema average of the weights (torch's AveragedModel), with its update count; ``streams_by_rank``:
+    every rank's streams in a multi-process run (``rank_streams`` of each, in rank order), whose number is
+    the world size a resume must have."""
+    streams = streams_by_rank or [rank_streams(generators)]
     return {"version": FORMAT_VERSION,
+            "world_size": len(streams),
+            "ranks": streams,
             "model": model.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "accountant_history": [tuple(entry) for entry in history],
-            "rng": _global_rng_state(),
-            "generators": {name: g.get_state() for name, g in generators.items() if g is not None},
+            "rng": streams[0]["rng"],  # rank 0's, where readers of one-process checkpoints look
+            "generators": streams[0]["generators"],
             "position": {"epoch": position.epoch, "step": position.step,
                          "partial": asdict(position.partial) if position.partial else None},
             "metrics": list(metrics),
@@ -158,20 +178,44 @@ def position_of(checkpoint: dict) -> Position:
                     partial=EpochProgress(**p["partial"]) if p["partial"] else None)
 
 
+def streams_of(checkpoint: dict, rank: int = 0) -> dict:
+    """Rank ``rank``'s random streams (``rank_streams``) in a checkpoint (checkpoints written before
+    multi-process runs hold one process's, at the top level)."""
+    if "ranks" in checkpoint:
+        return checkpoint["ranks"][rank]
+    return {"rng": checkpoint["rng"], "generators": checkpoint["generators"], "device": None}
+
+
+def require_resumable_here(checkpoint: dict, world_size: int, generators: dict, run_path: Path) -> None:
+    """Refuse a resume with another number of processes (each rank's sampling stream and shard would change)
+    or on another kind of device (a CUDA generator's state does not fit a CPU one, so the noise could not
+    continue its stream)."""
+    saved = checkpoint.get("world_size", 1)
+    if saved != world_size:
+        raise UserError(f"--resume: the run in {run_path} trained with {saved} process(es), this resume has "
+                        f"{world_size}; resume with the same torchrun --nproc_per_node x --nnodes")
+    device = streams_of(checkpoint)["device"]
+    here = _generator_device(generators)
+    if device is not None and device != here:
+        raise UserError(f"--resume: the run in {run_path} trained on {device} and its random streams continue "
+                        f"only there; resume with --device {device} (its model.pt loads on any device)")
+
+
 def restore(checkpoint: dict, *, model: torch.nn.Module, optimizer, accountant, generators: dict,
-            ema=None) -> None:
+            ema=None, rank: int = 0) -> None:
     """Put model (and its --ema average), optimizer, accountant and the global random streams back. The run's
-    generators are restored here too except sampling mid-epoch (see ``resumed_sampling``)."""
+    generators (``rank``'s own) are restored here too except sampling mid-epoch (see ``resumed_sampling``)."""
     model.load_state_dict(checkpoint["model"])
     if ema is not None:
         ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if accountant is not None:
         accountant.history = [tuple(entry) for entry in checkpoint["accountant_history"]]
-    _restore_global_rng(checkpoint["rng"])
+    streams = streams_of(checkpoint, rank)
+    _restore_global_rng(streams["rng"])
     for name, generator in generators.items():
-        if generator is not None and name in checkpoint["generators"]:
-            generator.set_state(checkpoint["generators"][name])
+        if generator is not None and name in streams["generators"]:
+            generator.set_state(streams["generators"][name])
 
 
 @contextmanager

@@ -28,6 +28,10 @@ NORMS = tuple(NORM_KINDS)  # dp_layers.norms: the normalization registry
 ACTIVATIONS = ("tanh", "relu")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 WANDB_MODES = ("offline", "online", "disabled")
+PRECISIONS = ("fp32", "bf16")
+# Engines whose per-sample norms and clipped sums stay float32 under bf16 autocast: bk upcasts each layer's input
+# and output gradient before its book-keeping; Opacus's engines form per-sample gradients in the activations' dtype.
+BF16_ENGINES = ("bk", "non-private")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_ROOT_ENV = "PRV_DATA_ROOT"
 # Flags that only mean something for --robust training (the radius and norm also set the evaluation attack).
@@ -132,6 +136,9 @@ class TrainConfig:
                                                    "always is)")
     # The recipe of De et al. 2022 ("Unlocking high-accuracy differentially private image classification
     # through scale"): augmentation, augmentation multiplicity, an average of the weights.
+    precision: str = setting("fp32", choices=PRECISIONS,
+                             help="bf16: forward and backward passes under bf16 autocast, with per-sample norms, "
+                                  "clipping factors, clipped sums and noise in float32 (--engine bk or non-private)")
     augment: bool = setting(False, help="augment training batches on the training device: random crop of the "
                                         "reflect-padded image and horizontal flip (cifar10), small random shifts "
                                         "(mnist)")
@@ -362,6 +369,9 @@ def validate(config: Config) -> None:
     _require(t.augmult == 1 or p.engine != "ghost",
              "--engine ghost is stock Opacus, whose norm rules clip each augmult view on its own; use --engine "
              "mixed-ghost (ghost clipping with rules that group an example's views), bk, hooks or functorch")
+    _require(t.precision == "fp32" or p.engine in BF16_ENGINES,
+             f"--precision {t.precision} needs --engine bk or non-private: --engine {p.engine} (Opacus) forms "
+             "per-sample gradients in the activations' dtype, so its norms and clipping would be bf16")
     _require(t.ema is None or 0 <= t.ema < 1, f"--ema must be in [0, 1) (0 turns it off), got {t.ema}")
     _require(t.lr > 0, f"--lr must be positive, got {t.lr}")
     _require(0 <= t.momentum < 1, f"--momentum must be in [0, 1), got {t.momentum}")

@@ -44,6 +44,13 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int, device: torch.
     return total_loss / len(dataset), 100.0 * correct / len(dataset)
 
 
+def autocast_for(device: torch.device, precision: str):
+    """The forward pass's autocast for ``--precision``: bf16 autocast (convolutions and matrix products in
+    bf16, reductions and losses in float32), or none for fp32. The backward pass follows the forward's dtypes;
+    bk takes each layer's norms and clipped sums in the parameters' float32 (``dp_layers.bk``)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @dataclass
 class BatchStats:
     """Summed loss and correct count of one physical batch on the private inputs trained on: released
@@ -55,13 +62,14 @@ class BatchStats:
 
 def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tensor,
                    adversarial: Optional[AdversarialBatches] = None, *, views: Optional[AugmentedViews] = None,
-                   with_stats: bool = False) -> Optional[BatchStats]:
+                   with_stats: bool = False, precision: str = "fp32") -> Optional[BatchStats]:
     """Forward/backward on one physical batch and ``optimizer.step()`` (a real step only at the end of a
     logical batch). With ``views`` (--augment, --augmult) the model trains on K augmented views of each
     example, and every engine clips the mean of an example's view gradients once (``dp_layers.augmult``).
     With ``adversarial`` (robust training) the rows are then attacked against the current weights. With
     ``with_stats`` it returns the batch's loss and correct count, averaged over views (else None: nothing
-    about the private batch is read outside the DP mechanism, not even to decide to stop).
+    about the private batch is read outside the DP mechanism, not even to decide to stop). ``precision``
+    bf16 runs the training forward pass (not the attack) under bf16 autocast (``autocast_for``).
     """
     k = 1
     if views is not None:
@@ -71,12 +79,14 @@ def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tenso
         if adversarial is not None:
             images = adversarial(training.model, images, labels)
         training.optimizer.zero_grad()
-        logits = training.model(images)
+        with autocast_for(images.device, precision):
+            logits = training.model(images)
+            loss = training.criterion(logits, labels)
         stats = None
         if with_stats:
-            loss_sum = F.cross_entropy(logits.detach(), labels, reduction="sum").item() if len(labels) else 0.0
+            loss_sum = F.cross_entropy(logits.detach().float(), labels, reduction="sum").item() if len(labels) else 0.0
             stats = BatchStats(loss_sum / k, (logits.detach().argmax(dim=1) == labels).sum().item() / k)
-        training.criterion(logits, labels).backward()
+        loss.backward()
         training.group_views(k)
         training.optimizer.step()
     return stats
@@ -127,7 +137,7 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
     progress = spec.resumed or EpochProgress()
     starts_logical_batch = True
     bar = tqdm(total=steps_per_epoch, initial=progress.steps, desc=f"epoch {epoch}/{config.train.epochs}", unit="step",
-               leave=False, dynamic_ncols=True, disable=None, file=sys.stderr)
+               leave=False, dynamic_ncols=True, disable=None if run.ranks.is_main else True, file=sys.stderr)
     # torch notes that the first layer's full backward hook sees no input gradient (inputs are data):
     # expected under Opacus's hooks, and only noise in the output.
     with warnings.catch_warnings(), bar, BatchMemoryManager(
@@ -144,7 +154,7 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
             if run.refresh_public is not None and starts_logical_batch and step % refresh_every == 0:
                 run.refresh_public()
             stats = _physical_step(training, images.to(device), labels.to(device), run.adversarial,
-                                   views=run.views, with_stats=with_stats)
+                                   views=run.views, with_stats=with_stats, precision=config.train.precision)
             if stats is not None:
                 progress.loss_sum += stats.loss_sum
                 progress.correct += stats.correct

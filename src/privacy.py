@@ -6,6 +6,7 @@ and the private ones report every step to Opacus's accountant.
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.optimizers import DPOptimizerFastGradientClipping, DistributedDPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -26,6 +28,7 @@ from src.accounting import PrivacyPlan, quiet_accounting
 from src.config import Config
 from src.engines import ENGINES
 from src.data import collate_batch
+from src.distributed import SINGLE_PROCESS, Ranks, ShardedPoissonLoader, all_reduce_gradients
 from src.errors import UserError
 
 
@@ -34,10 +37,12 @@ class NonPrivateOptimizer:
 
     Physical batches of one logical batch accumulate into ``.grad``; the step happens after the last.
     That lets one training loop, with BatchMemoryManager, serve the private and non-private engines.
+    With several processes (``distributed``) the step first sums the gradients over the ranks.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, distributed: bool = False):
         self.original_optimizer = optimizer
+        self.distributed = distributed
         self._skip_queue: deque = deque()
         self._is_last_step_skipped = False
 
@@ -53,6 +58,8 @@ class NonPrivateOptimizer:
             self._is_last_step_skipped = True
             return None
         self._is_last_step_skipped = False
+        if self.distributed:
+            all_reduce_gradients(p for group in self.param_groups for p in group["params"])
         return self.original_optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -94,8 +101,9 @@ class Training:
 
     @property
     def base_model(self) -> nn.Module:
-        """The plain model without Opacus wrappers (what model.pt stores)."""
-        return getattr(self.model, "_module", self.model)
+        """The plain model without Opacus's wrappers (what model.pt stores)."""
+        model = getattr(self.model, "_module", self.model)
+        return model.module if isinstance(model, DPDDP) else model
 
     def group_views(self, views: int) -> None:
         """Augmult (``dp_layers.augmult``): after the backward pass, turn the per-row gradients that hooks and
@@ -128,23 +136,30 @@ def make_optimizer(model: nn.Module, train_config) -> torch.optim.Optimizer:
 
 
 def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
-           sampling_generator: torch.Generator, noise_generator: Optional[torch.Generator]) -> Training:
+           sampling_generator: torch.Generator, noise_generator: Optional[torch.Generator],
+           ranks: Ranks = SINGLE_PROCESS) -> Training:
     """Wrap model, optimizer and data for the configured engine.
 
     Every engine draws its batches with Opacus's Poisson sampler from ``sampling_generator``, so runs of
     the same seed see the same batches whatever the engine: private and non-private differ only by
     clipping and noise. The sample rate is the plan's, fixed before the data was looked at (Opacus would
-    read it off the loader's length, that is off n).
+    read it off the loader's length, that is off n). With several processes (``ranks``, ``src.distributed``)
+    each rank samples its shard at that global rate, the model is Opacus's DPDDP (rank 0's weights
+    broadcast), the optimizer is Opacus's distributed one (noise once, on rank 0; clipped sums all-reduced)
+    and each rank averages over its share of the expected batch, so that the sum over ranks is the global mean.
     """
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise UserError(f"the model is not compatible with DP-SGD: {errors[0]}")
+    if ranks.distributed:
+        model = DPDDP(model)  # broadcasts rank 0's weights; Opacus reads the wrapper as "distributed"
     optimizer = make_optimizer(model, config.train)
     engine_name = config.privacy.engine
     if not plan.private:
-        poisson_loader = _poisson_loader(train_set, plan, sampling_generator)
+        poisson_loader = _poisson_loader(train_set, plan, sampling_generator, ranks)
         _check_schedule(poisson_loader, plan)
-        return Training(model=model, optimizer=NonPrivateOptimizer(optimizer), train_loader=poisson_loader,
+        return Training(model=model, optimizer=NonPrivateOptimizer(optimizer, ranks.distributed),
+                        train_loader=poisson_loader,
                         criterion=SumOverExpectedBatch(plan.expected_batch_size, config.train.augmult),
                         privacy_engine=None)
     secure = config.privacy.secure_rng
@@ -153,17 +168,18 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
         noise_generator = None  # Opacus refuses a seeded generator in secure mode; it uses its CSPRNG
     with quiet_accounting():
         engine = PrivacyEngine(accountant=config.privacy.accountant, secure_mode=secure)
-        loader = _poisson_loader(train_set, plan, engine.secure_rng if secure else sampling_generator)
+        loader = _poisson_loader(train_set, plan, engine.secure_rng if secure else sampling_generator, ranks)
         if engine_name == "bk":
             training = _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator)
         else:
             training = _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generator)
     # Opacus sets the average's denominator from the loader's data set; the plan's is fixed with the schedule.
-    training.optimizer.expected_batch_size = plan.expected_batch_size
+    # Each rank's is its share: the all-reduce sums the ranks' averages.
+    training.optimizer.expected_batch_size = plan.expected_batch_size / ranks.world_size
     _check_schedule(training.train_loader, plan)
-    if training.optimizer.expected_batch_size != plan.expected_batch_size:
-        raise RuntimeError(f"Opacus averages over {training.optimizer.expected_batch_size} examples, the plan "
-                           f"over {plan.expected_batch_size}")
+    if not math.isclose(training.optimizer.expected_batch_size * ranks.world_size, plan.expected_batch_size):
+        raise RuntimeError(f"Opacus averages over {training.optimizer.expected_batch_size} examples per rank, the "
+                           f"plan over {plan.expected_batch_size} in all")
     return training
 
 
@@ -194,10 +210,13 @@ def _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generat
 def _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator) -> Training:
     """bk: the same Opacus parts that ``make_private`` assembles for ghost clipping (Poisson loader,
     fast-gradient-clipping optimizer, accountant hook), around the book-keeping module."""
-    module = BookKeepingGradSampleModule(model, loss_reduction="mean", max_grad_norm=config.privacy.clip,
-                                         keep=config.privacy.bk_keep, layer_budget_mb=config.privacy.bk_layer_budget)
+    distributed = isinstance(model, DPDDP)  # its weights are broadcast; book-keeping hooks the model inside
+    module = BookKeepingGradSampleModule(model.module if distributed else model, loss_reduction="mean",
+                                         max_grad_norm=config.privacy.clip, keep=config.privacy.bk_keep,
+                                         layer_budget_mb=config.privacy.bk_layer_budget)
     module.forbid_grad_accumulation()
-    dp_optimizer = DPOptimizerFastGradientClipping(
+    optimizer_class = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
+    dp_optimizer = optimizer_class(
         optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip,
         expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
         generator=engine.secure_rng if engine.secure_mode else noise_generator, secure_mode=engine.secure_mode)
@@ -219,8 +238,12 @@ def check_engine_supports(training: Training, train_set) -> None:
         raise UserError(f"--engine bk: {error}") from None
 
 
-def _poisson_loader(train_set, plan: PrivacyPlan, generator) -> DPDataLoader:
-    """Opacus's Poisson-sampling loader at the plan's sample rate."""
+def _poisson_loader(train_set, plan: PrivacyPlan, generator, ranks: Ranks = SINGLE_PROCESS) -> DPDataLoader:
+    """Opacus's Poisson-sampling loader at the plan's sample rate (with several processes, this rank's shard
+    at that rate for the plan's number of steps: ``src.distributed.ShardedPoissonLoader``)."""
+    if ranks.distributed:
+        return ShardedPoissonLoader(train_set, sample_rate=plan.sample_rate, steps=plan.steps_per_epoch,
+                                    generator=generator, collate_fn=collate_batch)
     return DPDataLoader(train_set, sample_rate=plan.sample_rate, collate_fn=collate_batch, generator=generator)
 
 

@@ -108,3 +108,20 @@ class RunDirectory:
 
         return torch.load(self.path / (MODEL_EMA_FILE if averaged else MODEL_FILE), map_location=map_location,
                           weights_only=True)
+
+
+class FollowerRunDirectory(RunDirectory):
+    """The run directory as a rank other than 0 of a multi-process run sees it (``src.distributed``): the same
+    path and metrics in memory, and no writes, since rank 0 alone writes the run's files."""
+
+    def write_config(self, config: dict) -> None:
+        pass
+
+    def rewrite_metrics(self) -> None:
+        pass
+
+    def write_summary(self, summary: RunSummary) -> None:
+        pass
+
+    def save_model(self, state_dict: dict, averaged: bool = False) -> None:
+        pass

@@ -30,11 +30,12 @@ from src.atomic_files import json_safe
 from src.checkpoint import EpochProgress, Position
 from src.config import Config, ModelConfig
 from src.data import DatasetSpec
+from src.distributed import Ranks, broadcast, current_ranks, gather, rank_stream
 from src.errors import TrainingStopped, UserError
 from src.loop import EpochSpec, evaluate, public_refresher, require_finite_weights, train_epoch
 from src.privacy import Training, attach, check_engine_supports
 from src.report import accuracy_interval, announce, epoch_line, report_outcome
-from src.run_directory import RunDirectory
+from src.run_directory import FollowerRunDirectory, RunDirectory
 from src.summary import RunSummary, TrainingSummary
 from src.tracking import WandbRun, check_wandb_mode, git_commit, new_run_id, recording_outcome
 
@@ -65,11 +66,23 @@ def derive_seeds(seed: Optional[int]) -> Seeds:
     return Seeds(*streams)
 
 
-def resolve_device(name: str) -> torch.device:
+def rank_seeds(seeds: Seeds, ranks: Ranks) -> Seeds:
+    """This rank's streams in a multi-process run (``src.distributed``): its own Poisson sampling of its shard,
+    attack starts and augmentations; the model, noise (only rank 0 adds any) and evaluation streams shared.
+    One process: the seeds unchanged."""
+    return dataclasses.replace(seeds, sampling=rank_stream(seeds.sampling, ranks),
+                               attack=rank_stream(seeds.attack, ranks),
+                               augmentation=rank_stream(seeds.augmentation, ranks))
+
+
+def resolve_device(name: str, ranks: Optional[Ranks] = None) -> torch.device:
+    """The training device; with several processes on CUDA, this rank's GPU (torchrun's LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
+    if name == "cuda" and ranks is not None and ranks.distributed:
+        return torch.device("cuda", ranks.local_rank)
     return torch.device(name)
 
 
@@ -90,6 +103,7 @@ class PreparedRun:
     views: Optional[AugmentedViews] = None  # --augment (and --augmult): what the model trains on per batch
     ema: Optional[AveragedModel] = None  # --ema: the average of the weights (src.ema)
     refresh_ema: Optional[Callable[[], None]] = None  # its public BatchNorm statistics (bn-public)
+    ranks: Ranks = Ranks()  # this process's place in a multi-process run (src.distributed)
 
 
 @dataclass
@@ -104,33 +118,42 @@ class RunSession(PreparedRun):
     tracker: Optional[WandbRun] = None
 
     def save_checkpoint(self, position: Position) -> None:
+        """Every rank calls it at the same step (it gathers their random streams); rank 0 writes the file."""
         require_finite_weights(self.training.base_model)
+        rank_streams = gather(checkpoint.rank_streams(self.generators))
+        if not self.ranks.is_main:
+            return
         checkpoint.save(self.run_dir.path, checkpoint.capture(
             model=self.training.base_model, optimizer=self.training.optimizer.original_optimizer,
             history=self.training.history(), generators=self.generators, position=position,
             metrics=self.run_dir.metrics, summary=self.summary.to_dict(), seeds=dataclasses.asdict(self.seeds),
-            data_identity=self.data_identity, ema=self.ema))
+            data_identity=self.data_identity, ema=self.ema, streams_by_rank=rank_streams))
 
 
 def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -> PreparedRun:
     """Data, privacy plan, model and engine: everything that can be refused, before any file is written.
-    ``seeds`` (a resumed run's, from its checkpoint) default to new ones from ``--seed`` or the OS."""
-    device = resolve_device(config.train.device)
+    ``seeds`` (a resumed run's, from its checkpoint) default to new ones from ``--seed`` or the OS (rank 0's,
+    in a multi-process run). The data sets move to the training device once, as uint8 tensors: batches are
+    gathered (and augmented) there."""
+    ranks = current_ranks()
+    device = resolve_device(config.train.device, ranks)
     check_wandb_mode(config.output.wandb)
     data = spec.load(config.data, dataset_registry.needs_public_data(config))
     plan = plan_privacy(config, n_train=data.schedule_size or len(data.train))
     for note in data.notes:
         log.warning("%s", note)
-    seeds = seeds or derive_seeds(config.train.seed)
-    torch.manual_seed(seeds.model)
+    data = data.to(device)
+    seeds = seeds or broadcast(derive_seeds(config.train.seed))
+    own = rank_seeds(seeds, ranks)
+    torch.manual_seed(own.model)
     model = spec.build_model(config.model).to(device)
     noise_generator = None
     if plan.private:
         noise_generator = torch.Generator(device=device)
-        noise_generator.manual_seed(seeds.noise)
-    sampling_generator = torch.Generator().manual_seed(seeds.sampling)
+        noise_generator.manual_seed(own.noise)
+    sampling_generator = torch.Generator().manual_seed(own.sampling)
     training = attach(model, data.train, config, plan, sampling_generator=sampling_generator,
-                      noise_generator=noise_generator)
+                      noise_generator=noise_generator, ranks=ranks)
     refresh_public = public_refresher(model, data.public, device)
     if refresh_public is not None:
         refresh_public()  # no step happens before it anyway; the engine's check below needs the statistics
@@ -141,18 +164,18 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
     robust = config.robust
     adversarial = None
     if robust.robust:
-        generators["attack"] = torch.Generator(device=device).manual_seed(seeds.attack)
+        generators["attack"] = torch.Generator(device=device).manual_seed(own.attack)
         adversarial = AdversarialBatches(robust.train_attack(), robust.adv_ratio, generators["attack"])
     with torch.random.fork_rng(devices=[]):  # leaves the global random stream as it was
         ema = weight_average(spec.build_model(config.model).to(device), config.train.ema)
     refresh_ema = public_refresher(ema.module, data.public, device) if ema is not None else None
     views = None
     if config.train.augment:
-        generators["augmentation"] = torch.Generator(device=device).manual_seed(seeds.augmentation)
+        generators["augmentation"] = torch.Generator(device=device).manual_seed(own.augmentation)
         views = AugmentedViews(spec.augmentation, config.train.augmult, generators["augmentation"])
     return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training,
                        generators=generators, adversarial=adversarial, refresh_public=refresh_public, views=views,
-                       ema=ema, refresh_ema=refresh_ema)
+                       ema=ema, refresh_ema=refresh_ema, ranks=ranks)
 
 
 def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> TrainingSummary:
@@ -182,24 +205,39 @@ class Start:
 
 
 def _begin(prepared: PreparedRun) -> Start:
-    """A new run: its directory, config.json and a fresh summary."""
+    """A new run: its directory, config.json and a fresh summary (rank 0 creates them and tells the other
+    ranks the run id, or why it could not)."""
     config, plan, data = prepared.config, prepared.plan, prepared.data
-    run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
+    created = None
+    if prepared.ranks.is_main:
+        try:
+            run_dir = RunDirectory.create(config.output.out, config.output.run_id or new_run_id(config))
+            created = {"run_id": run_dir.run_id}
+        except UserError as error:
+            created = {"error": str(error)}
+            broadcast(created)
+            raise
+    created = broadcast(created)
+    if "error" in created:
+        raise UserError(created["error"])
+    if not prepared.ranks.is_main:
+        run_dir = FollowerRunDirectory(Path(config.output.out) / created["run_id"])
     run_dir.write_config({**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(),
                           "plan": plan.to_dict(), "data_notes": data.notes,
                           "public_data": data.public.source if data.public else None,
-                          "n_test": len(data.test), "device": str(prepared.device)})
+                          "n_test": len(data.test), "device": str(prepared.device),
+                          "processes": prepared.ranks.world_size})
     return Start(run_dir=run_dir, summary=_new_summary(config, plan, run_dir))
 
 
 def _continue(prepared: PreparedRun, saved: dict) -> Start:
     """A resumed run: weights, optimizer, accountant and generators from the checkpoint; metrics cut back to
     it (the steps after it are redone); the summary it had, marked running again."""
-    training, config = prepared.training, prepared.config
-    run_dir = RunDirectory(Path(config.output.out) / config.output.run_id)
+    training, config, ranks = prepared.training, prepared.config, prepared.ranks
+    run_dir = (RunDirectory if ranks.is_main else FollowerRunDirectory)(Path(config.output.out) / config.output.run_id)
     checkpoint.restore(saved, model=training.base_model, optimizer=training.optimizer.original_optimizer,
                        accountant=training.privacy_engine.accountant if training.privacy_engine else None,
-                       generators=prepared.generators, ema=prepared.ema)
+                       generators=prepared.generators, ema=prepared.ema, rank=ranks.rank)
     position = checkpoint.position_of(saved)
     run_dir.metrics = list(saved["metrics"])
     run_dir.rewrite_metrics()  # drop rows written after the checkpoint: those steps are redone
@@ -208,7 +246,8 @@ def _continue(prepared: PreparedRun, saved: dict) -> Start:
     summary = TrainingSummary.from_dict(saved["summary"])
     summary.update(status="running", reason=None, resumed=summary.resumed + 1)
     return Start(run_dir=run_dir, summary=summary, position=position,
-                 sampling_state=saved["generators"].get("sampling") if position.partial is not None else None,
+                 sampling_state=(checkpoint.streams_of(saved, ranks.rank)["generators"].get("sampling")
+                                 if position.partial is not None else None),
                  previous_seconds=summary.wall_seconds or 0.0)
 
 
@@ -226,7 +265,9 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSumm
                                            prepared.training)
     identity = checkpoint.data_identity(data)
     if resume:
-        checkpoint.require_same_data(saved, identity, Path(config.output.out) / config.output.run_id)
+        run_path = Path(config.output.out) / config.output.run_id
+        checkpoint.require_same_data(saved, identity, run_path)
+        checkpoint.require_resumable_here(saved, prepared.ranks.world_size, prepared.generators, run_path)
     robust = config.robust
     transfer_source = load_run_model(robust.transfer_from, spec, device) if robust.transfer_from else None
     start = _continue(prepared, saved) if resume else _begin(prepared)
@@ -234,7 +275,7 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSumm
     run_dir.write_summary(summary)
     session = RunSession(**vars(prepared), run_dir=run_dir, summary=summary, data_identity=identity,
                          step_limit=budget_step_limit(plan, training.history(), position.step))
-    session.tracker = WandbRun.start(
+    session.tracker = WandbRun() if not prepared.ranks.is_main else WandbRun.start(
         mode=config.output.wandb, project=config.output.wandb_project, group=config.output.wandb_group,
         run_dir=run_dir.path, run_id=run_dir.run_id if not resume else f"{run_dir.run_id}-resumed-{summary.resumed}",
         config=run_dir.read_config(),
@@ -242,7 +283,8 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSumm
               f"noise:{plan.noise_multiplier}", f"robust:{robust.robust}"] + (["resumed"] if resume else []))
     summary.wandb = session.tracker.directory or session.tracker.error
     summary.budget_steps = session.step_limit if plan.max_epsilon is not None else None
-    announce(config, plan, run_dir, position, session.step_limit)
+    if prepared.ranks.is_main:
+        announce(config, plan, run_dir, position, session.step_limit)
 
     try:
         with recording_outcome(summary):
@@ -261,7 +303,8 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSumm
         except OSError as error:
             log.error("%s", error)
         session.tracker.finish(summary, exit_code=exit_code_for(summary))
-    report_outcome(summary, config, plan, run_dir)
+    if prepared.ranks.is_main:
+        report_outcome(summary, config, plan, run_dir)
     return summary
 
 
@@ -318,7 +361,8 @@ def _train_epochs(session: RunSession, start: Start, started: float) -> None:
             run_dir.save_model(session.ema.module.state_dict(), averaged=True)
         session.tracker.log(row, step=step)
         run_dir.write_summary(summary)
-        tqdm.write(epoch_line(config, plan, row), file=sys.stdout)
+        if session.ranks.is_main:
+            tqdm.write(epoch_line(config, plan, row), file=sys.stdout)
         if not math.isfinite(test_loss):
             raise TrainingStopped("diverged", f"test loss became {test_loss} after epoch {epoch}; lower --lr")
         if budget_hit:
