@@ -147,6 +147,7 @@ def conv_factors(layer: nn.Module, x: torch.Tensor, backprops: torch.Tensor, vie
     so that the per-sample weight gradient of group g is G[:, g] @ U[:, g]^T. With ``views`` > 1 the rows
     are B*K views and T becomes K*T positions per example (``backprops`` already scaled by 1/K)."""
     n, groups = x.shape[0], layer.groups
+    x = x.contiguous()  # Opacus's unfold2d reads a channels-last input's memory as NCHW (norms of 0)
     if isinstance(layer, nn.Conv2d):
         unfolded = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
                             dilation=layer.dilation)

@@ -8,13 +8,19 @@ Runs go to ``<out>/<sweep name>/<run id>/`` (the usual run-directory format), th
 interrupted or was killed mid-run continues from its last checkpoint (``vision.py --resume``), and one
 without a checkpoint is moved aside to ``<run id>.attempt-N`` and run again. ``--wandb-spec`` prints the same grid as a
 wandb sweep instead, for ``wandb sweep`` + ``wandb agent`` on many machines.
+
+SIGTERM or SIGINT to the runner is forwarded to its running points (each checkpoints and stops as
+``interrupted``, ``src.preemption``); no new point starts, and the runner exits with code 130 once they have
+stopped. The next call resumes them.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -55,12 +61,50 @@ def resume_command(run_dir: Path, wandb_mode: str) -> list:
     return [sys.executable, str(REPO / "vision.py"), "--resume", str(run_dir), "--wandb", wandb_mode]
 
 
-def run_point(command: list, log_path: Path, threads: int) -> int:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    env.setdefault("WANDB_SILENT", "true")
-    with open(log_path, "a") as log:
-        return subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+class RunningPoints:
+    """The points' processes, so that a signal to the runner reaches them (a scheduler's SIGTERM goes to the
+    runner alone; Ctrl-C reaches the whole process group anyway, and a second one is forwarded too)."""
+
+    def __init__(self):
+        self._processes: set = set()
+        self._lock = threading.Lock()
+        self.stopping: str = ""
+        self._previous: dict = {}
+
+    def __enter__(self) -> "RunningPoints":
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _forward(self, number: int, frame) -> None:
+        self.stopping = signal.Signals(number).name
+        with self._lock:
+            for process in self._processes:
+                if process.poll() is None:
+                    process.send_signal(number)
+
+    def run(self, command: list, log_path: Path, threads: int) -> int:
+        """Run one point (its output to ``log_path``) unless the runner is stopping; its exit code."""
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("WANDB_SILENT", "true")
+        with open(log_path, "a") as log:
+            with self._lock:
+                if self.stopping:
+                    return 130
+                process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)  # signals reach it through the runner only
+                self._processes.add(process)
+            try:
+                return process.wait()
+            finally:
+                with self._lock:
+                    self._processes.discard(process)
 
 
 def run_sweep(sweep: Sweep, *, out: Path, jobs: int, extra: list, wandb_mode: str = "offline") -> dict:
@@ -86,8 +130,8 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int, extra: list, wandb_mode: st
     failures = []
     bar = tqdm(total=len(points), initial=counts["skipped"], desc=f"sweep {sweep.name}", unit="run",
                file=sys.stderr, dynamic_ncols=True)
-    with bar, ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_point, command, sweep_dir / "_logs" / f"{p.run_id}.log", threads): p
+    with bar, RunningPoints() as running, ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(running.run, command, sweep_dir / "_logs" / f"{p.run_id}.log", threads): p
                    for p, command in todo}
         for future in as_completed(futures):
             point = futures[future]
@@ -100,7 +144,7 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int, extra: list, wandb_mode: st
                 failures.append(f"{point.run_id} (exit {code}, {state}; see _logs/{point.run_id}.log)")
             bar.update(1)
     summary = {"sweep": sweep.name, "runs": len(points), **counts, "failures": failures,
-               "directory": str(sweep_dir)}
+               "directory": str(sweep_dir), "stopped_by": running.stopping}
     return summary
 
 
@@ -139,6 +183,9 @@ def main(argv=None) -> int:
           f"{summary['directory']}")
     for failure in summary["failures"]:
         print(f"  failed: {failure}")
+    if summary["stopped_by"]:
+        print(f"stopped by {summary['stopped_by']}: the interrupted points resume on the next call")
+        return 130
     return 1 if summary["failed"] else 0
 
 

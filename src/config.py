@@ -32,6 +32,9 @@ PRECISIONS = ("fp32", "bf16")
 # Engines whose per-sample norms and clipped sums stay float32 under bf16 autocast: bk upcasts each layer's input
 # and output gradient before its book-keeping; Opacus's engines form per-sample gradients in the activations' dtype.
 BF16_ENGINES = ("bk", "non-private")
+# Opacus 1.6's unfold2d (its Conv2d grad sampler) builds the unfolded view with strides of a contiguous NCHW
+# tensor, so a channels-last input gives wrong per-sample gradients (tests/test_precision.py shows it).
+CHANNELS_LAST_REFUSED = ("hooks", "ghost")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_ROOT_ENV = "PRV_DATA_ROOT"
 # Flags that only mean something for --robust training (the radius and norm also set the evaluation attack).
@@ -139,6 +142,8 @@ class TrainConfig:
     precision: str = setting("fp32", choices=PRECISIONS,
                              help="bf16: forward and backward passes under bf16 autocast, with per-sample norms, "
                                   "clipping factors, clipped sums and noise in float32 (--engine bk or non-private)")
+    channels_last: bool = setting(False, help="model and batches in channels-last (NHWC) memory format: faster "
+                                             "convolutions on recent GPUs, especially with --precision bf16")
     augment: bool = setting(False, help="augment training batches on the training device: random crop of the "
                                         "reflect-padded image and horizontal flip (cifar10), small random shifts "
                                         "(mnist)")
@@ -372,6 +377,10 @@ def validate(config: Config) -> None:
     _require(t.precision == "fp32" or p.engine in BF16_ENGINES,
              f"--precision {t.precision} needs --engine bk or non-private: --engine {p.engine} (Opacus) forms "
              "per-sample gradients in the activations' dtype, so its norms and clipping would be bf16")
+    _require(not t.channels_last or p.engine not in CHANNELS_LAST_REFUSED,
+             f"--channels-last: --engine {p.engine} uses Opacus's convolution per-sample gradients, whose unfold2d "
+             "reads a channels-last input's memory as NCHW (wrong gradients); use bk, mixed-ghost, functorch or "
+             "non-private")
     _require(t.ema is None or 0 <= t.ema < 1, f"--ema must be in [0, 1) (0 turns it off), got {t.ema}")
     _require(t.lr > 0, f"--lr must be positive, got {t.lr}")
     _require(0 <= t.momentum < 1, f"--momentum must be in [0, 1), got {t.momentum}")

@@ -3,6 +3,7 @@ BatchMemoryManager, each physical batch attacked (robust training), clipped and 
 divergence stop on the weights; evaluation; the public BatchNorm refresher."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import warnings
@@ -17,10 +18,11 @@ from tqdm import tqdm
 from attacks.adversarial import AdversarialBatches
 from dp_layers.augmult import views_per_example
 from dp_layers import has_public_batchnorm, refresh_public_statistics
-from src.checkpoint import EpochProgress, resumed_sampling
+from src.checkpoint import EpochProgress, rank_streams, resumed_sampling
 from src.augment import AugmentedViews
 from src.data import PublicData
 from src.errors import TrainingStopped
+from src.preemption import Interrupted
 from src.privacy import Training
 
 if TYPE_CHECKING:
@@ -44,11 +46,25 @@ def evaluate(model: torch.nn.Module, dataset, *, batch_size: int, device: torch.
     return total_loss / len(dataset), 100.0 * correct / len(dataset)
 
 
-def autocast_for(device: torch.device, precision: str):
-    """The forward pass's autocast for ``--precision``: bf16 autocast (convolutions and matrix products in
-    bf16, reductions and losses in float32), or none for fp32. The backward pass follows the forward's dtypes;
-    bk takes each layer's norms and clipped sums in the parameters' float32 (``dp_layers.bk``)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+@dataclass(frozen=True)
+class Numerics:
+    """How a training step computes: ``--precision`` and ``--channels-last``."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device):
+        """The forward pass's autocast: bf16 (convolutions and matrix products in bf16, reductions and losses
+        in float32), or none for fp32. The backward pass follows the forward's dtypes; bk takes each layer's
+        norms and clipped sums in the parameters' float32 (``dp_layers.bk``)."""
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def layout(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch in the model's memory format (channels-last: NHWC strides, which GPU convolution kernels
+        prefer, especially in bf16)."""
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
 
 @dataclass
@@ -62,14 +78,15 @@ class BatchStats:
 
 def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tensor,
                    adversarial: Optional[AdversarialBatches] = None, *, views: Optional[AugmentedViews] = None,
-                   with_stats: bool = False, precision: str = "fp32") -> Optional[BatchStats]:
+                   with_stats: bool = False, numerics: Numerics = Numerics()) -> Optional[BatchStats]:
     """Forward/backward on one physical batch and ``optimizer.step()`` (a real step only at the end of a
     logical batch). With ``views`` (--augment, --augmult) the model trains on K augmented views of each
     example, and every engine clips the mean of an example's view gradients once (``dp_layers.augmult``).
     With ``adversarial`` (robust training) the rows are then attacked against the current weights. With
     ``with_stats`` it returns the batch's loss and correct count, averaged over views (else None: nothing
-    about the private batch is read outside the DP mechanism, not even to decide to stop). ``precision``
-    bf16 runs the training forward pass (not the attack) under bf16 autocast (``autocast_for``).
+    about the private batch is read outside the DP mechanism, not even to decide to stop). ``numerics``:
+    bf16 runs the training forward pass (not the attack) under bf16 autocast; channels-last lays batches out
+    NHWC (``Numerics``).
     """
     k = 1
     if views is not None:
@@ -79,7 +96,8 @@ def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tenso
         if adversarial is not None:
             images = adversarial(training.model, images, labels)
         training.optimizer.zero_grad()
-        with autocast_for(images.device, precision):
+        images = numerics.layout(images)
+        with numerics.autocast(images.device):
             logits = training.model(images)
             loss = training.criterion(logits, labels)
         stats = None
@@ -107,6 +125,24 @@ def require_finite_weights(model: torch.nn.Module) -> None:
 
 
 @dataclass
+class Boundary:
+    """The run at its last finished optimizer step: the epoch's progress and every random stream, taken before
+    the next logical batch is drawn, so that a stop in the middle of that batch checkpoints a state the resume
+    replays exactly."""
+
+    progress: EpochProgress
+    streams: dict
+
+
+class StoppedAtBoundary(Interrupted):
+    """A signal stopped the epoch: ``boundary`` is what to checkpoint."""
+
+    def __init__(self, reason: str, boundary: Boundary):
+        super().__init__(reason)
+        self.boundary = boundary
+
+
+@dataclass
 class EpochSpec:
     """One epoch's place in a run: its number, the steps taken before it, where the privacy budget stops
     it, and for a resumed epoch its progress so far and the sampling generator's state at that point."""
@@ -127,7 +163,8 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
     statistics of the current weights. A resumed epoch draws only its remaining batches. The epoch ends
     early, before step ``spec.step_limit + 1`` (the privacy budget), and ``after_step`` is called after every
     step (mid-epoch checkpoints). With ``--unprotected-train-stats`` it sums the private batches' loss and
-    accuracy.
+    accuracy. A stop signal (``run.stop``, ``src.preemption``) ends it with ``StoppedAtBoundary`` before the next
+    physical batch (in a multi-process run, before the next logical batch: the ranks agree on it then).
     """
     config, training, device = run.config, run.training, run.device
     epoch, first_step, step_limit = spec.epoch, spec.first_step, spec.step_limit
@@ -147,14 +184,18 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         batches = iter(physical_batches)
         started()
+        boundary = _boundary(run, progress)
         for images, labels in batches:
             step = first_step + progress.steps  # steps taken before this batch's
             if starts_logical_batch and step_limit is not None and step >= step_limit:
                 break
+            if run.stop is not None and (starts_logical_batch or not run.ranks.distributed) and run.stop.requested():
+                raise StoppedAtBoundary(run.stop.reason(f"after step {first_step + boundary.progress.steps} "
+                                                        f"(epoch {epoch})"), boundary)
             if run.refresh_public is not None and starts_logical_batch and step % refresh_every == 0:
                 run.refresh_public()
             stats = _physical_step(training, images.to(device), labels.to(device), run.adversarial,
-                                   views=run.views, with_stats=with_stats, precision=config.train.precision)
+                                   views=run.views, with_stats=with_stats, numerics=run.numerics)
             if stats is not None:
                 progress.loss_sum += stats.loss_sum
                 progress.correct += stats.correct
@@ -174,7 +215,15 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
                                     acc_unprotected=f"{progress.accuracy:.1f}%", refresh=False)
                 if after_step is not None:
                     after_step(progress)
+                boundary = _boundary(run, progress)
     return progress
+
+
+def _boundary(run: PreparedRun, progress: EpochProgress) -> Optional[Boundary]:
+    """The state a stop would checkpoint (only when stop signals are watched)."""
+    if run.stop is None:
+        return None
+    return Boundary(progress=dataclasses.replace(progress), streams=rank_streams(run.generators))
 
 
 def public_refresher(model: torch.nn.Module, public: Optional[PublicData],

@@ -32,7 +32,8 @@ from src.config import Config, ModelConfig
 from src.data import DatasetSpec
 from src.distributed import Ranks, broadcast, current_ranks, gather, rank_stream
 from src.errors import TrainingStopped, UserError
-from src.loop import EpochSpec, evaluate, public_refresher, require_finite_weights, train_epoch
+from src.loop import EpochSpec, Numerics, StoppedAtBoundary, evaluate, public_refresher, require_finite_weights, train_epoch
+from src.preemption import Interrupted, StopSignals
 from src.privacy import Training, attach, check_engine_supports
 from src.report import accuracy_interval, announce, epoch_line, report_outcome
 from src.run_directory import FollowerRunDirectory, RunDirectory
@@ -104,6 +105,8 @@ class PreparedRun:
     ema: Optional[AveragedModel] = None  # --ema: the average of the weights (src.ema)
     refresh_ema: Optional[Callable[[], None]] = None  # its public BatchNorm statistics (bn-public)
     ranks: Ranks = Ranks()  # this process's place in a multi-process run (src.distributed)
+    numerics: Numerics = Numerics()  # --precision, --channels-last: how a training step computes
+    stop: Optional[StopSignals] = None  # SIGTERM / SIGINT while training (src.preemption)
 
 
 @dataclass
@@ -117,10 +120,11 @@ class RunSession(PreparedRun):
     step_limit: Optional[int] = None  # --max-epsilon: stop before this step (from the accountant's history)
     tracker: Optional[WandbRun] = None
 
-    def save_checkpoint(self, position: Position) -> None:
-        """Every rank calls it at the same step (it gathers their random streams); rank 0 writes the file."""
+    def save_checkpoint(self, position: Position, streams: Optional[dict] = None) -> None:
+        """Every rank calls it at the same step (it gathers their random streams, or ``streams`` taken at that
+        step); rank 0 writes the file."""
         require_finite_weights(self.training.base_model)
-        rank_streams = gather(checkpoint.rank_streams(self.generators))
+        rank_streams = gather(streams or checkpoint.rank_streams(self.generators))
         if not self.ranks.is_main:
             return
         checkpoint.save(self.run_dir.path, checkpoint.capture(
@@ -146,7 +150,10 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
     seeds = seeds or broadcast(derive_seeds(config.train.seed))
     own = rank_seeds(seeds, ranks)
     torch.manual_seed(own.model)
+    numerics = Numerics(precision=config.train.precision, channels_last=config.train.channels_last)
     model = spec.build_model(config.model).to(device)
+    if numerics.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     noise_generator = None
     if plan.private:
         noise_generator = torch.Generator(device=device)
@@ -175,7 +182,7 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
         views = AugmentedViews(spec.augmentation, config.train.augmult, generators["augmentation"])
     return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training,
                        generators=generators, adversarial=adversarial, refresh_public=refresh_public, views=views,
-                       ema=ema, refresh_ema=refresh_ema, ranks=ranks)
+                       ema=ema, refresh_ema=refresh_ema, ranks=ranks, numerics=numerics)
 
 
 def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> TrainingSummary:
@@ -287,7 +294,7 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSumm
         announce(config, plan, run_dir, position, session.step_limit)
 
     try:
-        with recording_outcome(summary):
+        with recording_outcome(summary), StopSignals() as session.stop:
             _train_epochs(session, start, started)
             if robust.masking_checks or transfer_source is not None:
                 summary.masking_checks = run_masking_checks(training.model, data.test, config, device,
@@ -326,9 +333,15 @@ def _train_epochs(session: RunSession, start: Start, started: float) -> None:
                 session.save_checkpoint(Position(epoch=epoch - 1, step=first_step + progress.steps,
                                                  partial=progress))
 
-        progress = train_epoch(session, EpochSpec(epoch=epoch, first_step=first_step, step_limit=session.step_limit,
-                                                  resumed=resumed, sampling_state=sampling_state if resumed else None),
-                               after_step=after_step)
+        try:
+            progress = train_epoch(session, EpochSpec(epoch=epoch, first_step=first_step,
+                                                      step_limit=session.step_limit, resumed=resumed,
+                                                      sampling_state=sampling_state if resumed else None),
+                                   after_step=after_step)
+        except StoppedAtBoundary as stop:  # checkpoint the last finished step, then stop as interrupted
+            session.save_checkpoint(Position(epoch=epoch - 1, step=first_step + stop.boundary.progress.steps,
+                                             partial=stop.boundary.progress), streams=stop.boundary.streams)
+            raise
         step = first_step + progress.steps
         require_finite_weights(training.base_model)  # before evaluating and saving this epoch
         epsilon = (epsilon_from_history(config.privacy.accountant, training.history(), plan.delta)
@@ -370,6 +383,8 @@ def _train_epochs(session: RunSession, start: Start, started: float) -> None:
                 f"--max-epsilon {plan.max_epsilon:g} reached: stopped after step {step} of {plan.steps} at epsilon "
                 f"{epsilon:.4g} ({plan.accountant}); step {step + 1} would spend "
                 f"{epsilon_after_next_step(plan, training.history()):.4g}"))
+        if epoch < config.train.epochs and session.stop is not None and session.stop.requested():
+            raise Interrupted(session.stop.reason(f"after epoch {epoch} (step {step})"))  # its checkpoint is above
 
 
 def _evaluate(session: RunSession, model: torch.nn.Module, refresh_public: Optional[Callable[[], None]],
