@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 ATTACKS = ("pgd", "fgsm-rs")
+EVAL_ATTACKS = ("pgd", "autoattack")  # robust evaluation: PGD (--eval-pgd-*) or AutoAttack's standard version
 PGD_NORMS = ("linf", "l2")
 
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from attacks.defaults import ATTACKS, PGD_NORMS, default_alpha
+from attacks.defaults import ATTACKS, EVAL_ATTACKS, PGD_NORMS, default_alpha
 from dp_layers.norms import NORM_KINDS
 from src.engines import BK_KEEP_POLICIES, ENGINE_NAMES
 from src.errors import UserError
@@ -208,6 +208,9 @@ class RobustConfig:
     pgd_steps: int = setting(help="training PGD steps")
     pgd_restarts: int = setting(1, help="training PGD random restarts (worst case kept)")
     adv_ratio: float = setting(1.0, help="fraction of each batch made adversarial")
+    eval_attack: str = setting("pgd", choices=EVAL_ATTACKS,
+                               help="robust evaluation attack at the same radius and norm: PGD (--eval-pgd-*), or "
+                                    "AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square; torchattacks)")
     eval_pgd_steps: int = setting(40, help="robust evaluation PGD steps")
     eval_pgd_restarts: int = setting(1, help="robust evaluation restarts")
     eval_pgd_alpha: float = setting(None, default_text="2.5 eps/steps", help="robust evaluation step")
@@ -227,7 +230,17 @@ class RobustConfig:
         return AttackSpec(method=self.attack, norm=self.pgd_norm, eps=self.pgd_eps, alpha=self.pgd_alpha,
                           steps=1 if self.attack == "fgsm-rs" else self.pgd_steps, restarts=self.pgd_restarts)
 
-    def eval_attack(self):
+    def eval_attack_spec(self):
+        """The attack robust accuracy is measured with (``--eval-attack``)."""
+        from attacks.pgd import AttackSpec
+
+        if self.eval_attack == "autoattack":
+            return AttackSpec(method="autoattack", norm=self.pgd_norm, eps=self.pgd_eps, alpha=0.0, steps=0,
+                              restarts=1)
+        return self.eval_pgd_spec()
+
+    def eval_pgd_spec(self):
+        """The evaluation PGD (the gradient-masking checks vary it, whatever ``--eval-attack`` is)."""
         from attacks.pgd import AttackSpec
 
         return AttackSpec(method="pgd", norm=self.pgd_norm, eps=self.pgd_eps, alpha=self.eval_pgd_alpha,

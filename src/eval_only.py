@@ -38,25 +38,25 @@ def run_eval_only(config: Config, spec: DatasetSpec, source_run: str) -> Evaluat
     run_dir = RunDirectory.create(config.output.out,
                                   config.output.run_id or f"{source_id}-eval-{time.strftime('%Y%m%d-%H%M%S')}")
     record = {"eval_only": str(Path(source_run).resolve()), "dataset": spec.name, "data": config.to_dict()["data"],
-              "robust": config.to_dict()["robust"], "eval_attack": robust.eval_attack().to_dict(),
+              "robust": config.to_dict()["robust"], "eval_attack": robust.eval_attack_spec().to_dict(),
               "seed": config.train.seed, "git_commit": git_commit(), "device": str(device)}
     run_dir.write_config(record)
     tracker = WandbRun.start(mode=config.output.wandb, project=config.output.wandb_project,
                              group=config.output.wandb_group, run_dir=run_dir.path, run_id=run_dir.run_id,
                              config=record, tags=[spec.name, "eval-only"])
     summary = EvaluationSummary(run_id=run_dir.run_id, source_run=record["eval_only"], dataset=spec.name,
-                                eval_attack=robust.eval_attack().to_dict(), eval_robust_size=robust.eval_robust_size,
+                                eval_attack=robust.eval_attack_spec().to_dict(), eval_robust_size=robust.eval_robust_size,
                                 wandb=tracker.directory or tracker.error)
     try:
         with recording_outcome(summary):
             test_loss, test_acc = evaluate(model, data.test, batch_size=config.train.eval_batch_size, device=device)
             summary.update(test_loss=test_loss, test_acc=test_acc)
-            summary.robust_acc = robust_accuracy(model, data.test, robust.eval_attack(),
+            summary.robust_acc = robust_accuracy(model, data.test, robust.eval_attack_spec(),
                                                     size=robust.eval_robust_size,
                                                     batch_size=config.train.eval_batch_size, device=device,
                                                     seed=seeds.evaluation)
             print(f"{source_id}: test accuracy {test_acc:.2f}%, robust accuracy {summary.robust_acc:.2f}% "
-                  f"({robust.eval_attack().describe()}, {min(robust.eval_robust_size, len(data.test))} images)",
+                  f"({robust.eval_attack_spec().describe()}, {min(robust.eval_robust_size, len(data.test))} images)",
                   flush=True)
             if robust.masking_checks or transfer_source is not None:
                 summary.masking_checks = run_masking_checks(model, data.test, config, device, seeds.evaluation,

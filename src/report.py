@@ -45,7 +45,7 @@ def announce(config: Config, plan: PrivacyPlan, run_dir: RunDirectory, position:
     robust = config.robust
     if robust.robust:
         print(f"robust training: {robust.train_attack().describe()} on {100 * robust.adv_ratio:g}% of each batch; "
-              f"robust accuracy: {robust.eval_attack().describe()} on {robust.eval_robust_size} test images",
+              f"robust accuracy: {robust.eval_attack_spec().describe()} on {robust.eval_robust_size} test images",
               flush=True)
 
 
@@ -83,7 +83,7 @@ def report_outcome(summary: TrainingSummary, config: Config, plan: PrivacyPlan, 
     extra = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in by_acc.items())
     if summary.epsilon_gdp_approximation is not None:
         extra += f"; gdp approximation {summary.epsilon_gdp_approximation:.3f}, not a guarantee"
-    robust_text = (f", robust accuracy {summary.robust_acc:.2f}% ({config.robust.eval_attack().describe()})"
+    robust_text = (f", robust accuracy {summary.robust_acc:.2f}% ({config.robust.eval_attack_spec().describe()})"
                    if summary.robust_acc is not None else "")
     interval = (f" (95% interval {summary.test_acc_ci95[0]:.1f}-{summary.test_acc_ci95[1]:.1f}, "
                 f"{summary.n_test} test images)" if summary.test_acc_ci95 else "")

@@ -194,7 +194,7 @@ def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> Tr
         n_train=plan.n_train, sample_rate=plan.sample_rate, epsilon=None if plan.private else math.inf,
         unprotected_train_stats=config.output.unprotected_train_stats, max_epsilon=plan.max_epsilon,
         budget_steps=plan.budget_steps, robust=robust.robust,
-        eval_attack=robust.eval_attack().to_dict() if robust.eval_robust_size else None,
+        eval_attack=robust.eval_attack_spec().to_dict() if robust.eval_robust_size else None,
         eval_robust_size=robust.eval_robust_size,
         train_attack=robust.train_attack().to_dict() if robust.robust else None,
         adv_ratio=robust.adv_ratio if robust.robust else None)
@@ -401,7 +401,7 @@ def _evaluate(session: RunSession, model: torch.nn.Module, refresh_public: Optio
                                                          device=device)
     if with_robust:
         robust = config.robust
-        result["robust_acc"] = robust_accuracy(model, data.test, robust.eval_attack(), size=robust.eval_robust_size,
+        result["robust_acc"] = robust_accuracy(model, data.test, robust.eval_attack_spec(), size=robust.eval_robust_size,
                                                batch_size=config.train.eval_batch_size, device=device,
                                                seed=session.seeds.evaluation)
     return result
@@ -431,10 +431,16 @@ def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device) -> to
 
 def run_masking_checks(model, test_set, config: Config, device: torch.device, seed: int,
                        robust_acc: Optional[float], transfer_source=None) -> dict:
+    """The gradient-masking report (``attacks.robust_eval.masking_checks``), always on the evaluation PGD, whose
+    steps, restarts and radius it varies; with ``--eval-attack autoattack`` the AutoAttack accuracy is recorded
+    beside it (a PGD accuracy far above AutoAttack's is itself a sign of masking)."""
     robust = config.robust
-    report = masking_checks(model, test_set, robust.eval_attack(), size=robust.eval_robust_size,
+    with_autoattack = robust.eval_attack == "autoattack"
+    report = masking_checks(model, test_set, robust.eval_pgd_spec(), size=robust.eval_robust_size,
                             batch_size=config.train.eval_batch_size, device=device, seed=seed,
-                            source=transfer_source, baseline=robust_acc)
+                            source=transfer_source, baseline=None if with_autoattack else robust_acc)
+    if with_autoattack:
+        report["autoattack_robust_acc"] = robust_acc
     if transfer_source is not None:
         report["transfer"]["source_run"] = robust.transfer_from
     curve = ", ".join(f"{p['eps']:g}: {p['robust_acc']:.1f}%" for p in report["radius_curve"])
