@@ -1,0 +1,74 @@
+"""experiments.study: per-cell tuning on the validation split, then the seeds at the chosen value, then
+AutoAttack on every final model; resumable like any sweep, and refusing a study without a validation split."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.study import load_study, main
+from src.errors import UserError
+
+STUDY = """name: tiny-study
+dataset: mnist
+cells:
+  norm: [none]
+  training: [clean, fgsm-rs, pgd]
+training:
+  clean: {{robust: false}}
+  fgsm-rs: {{robust: true, attack: fgsm-rs}}
+  pgd: {{robust: true, attack: pgd, pgd-steps: 2}}
+borrow_tuning:
+  pgd: fgsm-rs
+tune:
+  lr: [0.001, 0.5]
+  seed: 0
+seeds: [1]
+fixed:
+  data-root: {root}
+  val-size: 60
+  epochs: 1
+  batch-size: 32
+  noise: 0.5
+  pgd-eps: 0.1
+  eval-robust-size: 12
+"""
+
+
+def test_study_tunes_on_validation_then_runs_seeds_then_autoattack(tiny_root, tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY.format(root=tiny_root))
+    out = tmp_path / "runs"
+    assert main([str(path), "--out", str(out), "--wandb", "disabled"]) == 0
+    selection = json.loads((out / "tiny-study-selection.json").read_text())
+    assert len(selection) == 3
+    tuned = [p for p in (out / "tiny-study-tune").iterdir() if p.name != "_logs"]
+    assert len(tuned) == 4, "the pgd cell borrows the fgsm-rs cell's choice instead of being tuned"
+    borrowed = next(c for c in selection.values() if c["cell"]["training"] == "pgd")
+    lender = next(c for c in selection.values() if c["cell"]["training"] == "fgsm-rs")
+    assert borrowed["borrowed_from"] == "fgsm-rs" and borrowed["lr"] == lender["lr"]
+    for choice in (c for c in selection.values() if "tried" in c):
+        tried = {t["lr"]: t["val_acc"] for t in choice["tried"]}
+        assert choice["val_acc"] == max(tried.values()) and tried[choice["lr"]] == choice["val_acc"]
+    for run in (out / "tiny-study-tune").iterdir():
+        if run.name != "_logs":
+            config = json.loads((run / "config.json").read_text())
+            assert config["robust"]["eval_robust_size"] == 0 and config["data"]["val_size"] == 60
+    finals = sorted(p for p in (out / "tiny-study-final").iterdir() if p.name != "_logs")
+    assert len(finals) == 3
+    for run in finals:
+        config = json.loads((run / "config.json").read_text())
+        cell = next(c for c in selection.values() if f"training-{c['cell']['training']}_" in run.name)
+        assert config["train"]["lr"] == cell["lr"] and config["train"]["seed"] == 1
+        attacked = json.loads((out / "tiny-study-autoattack" / run.name / "summary.json").read_text())
+        assert attacked["eval_attack"]["method"] == "autoattack" and attacked["status"] == "finished"
+        assert attacked["eval_robust_size"] == 12
+    # A second call does nothing new: every stage is done.
+    assert main([str(path), "--out", str(out), "--wandb", "disabled"]) == 0
+
+
+def test_a_study_without_validation_split_is_refused(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY.format(root=tmp_path).replace("  val-size: 60\n", ""))
+    with pytest.raises(UserError, match="validation split"):
+        load_study(path)
