@@ -78,7 +78,8 @@ class BatchStats:
 
 def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tensor,
                    adversarial: Optional[AdversarialBatches] = None, *, views: Optional[AugmentedViews] = None,
-                   with_stats: bool = False, numerics: Numerics = Numerics()) -> Optional[BatchStats]:
+                   with_stats: bool = False, numerics: Numerics = Numerics(),
+                   before_clipping: Optional[Callable[[Training], None]] = None) -> Optional[BatchStats]:
     """Forward/backward on one physical batch and ``optimizer.step()`` (a real step only at the end of a
     logical batch). With ``views`` (--augment, --augmult) the model trains on K augmented views of each
     example, and every engine clips the mean of an example's view gradients once (``dp_layers.augmult``).
@@ -106,6 +107,8 @@ def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tenso
             stats = BatchStats(loss_sum / k, (logits.detach().argmax(dim=1) == labels).sum().item() / k)
         loss.backward()
         training.group_views(k)
+        if before_clipping is not None:
+            before_clipping(training)
         training.optimizer.step()
     return stats
 
@@ -122,6 +125,18 @@ def require_finite_weights(model: torch.nn.Module) -> None:
     if not bool(torch.isfinite(total)):
         raise TrainingStopped("diverged", "a step made the weights non-finite (infinite or NaN gradients); lower "
                                           "--lr or --clip (the last checkpoint is kept)")
+
+
+class StepHooks:
+    """Calls the loop makes around each optimizer step, for instruments that need the engine's own clipping
+    and noise path (the white-box privacy audit inserts gradient canaries, ``experiments.audit``). The default
+    does nothing."""
+
+    def before_clipping(self, training: Training) -> None:
+        """After the backward pass of a logical batch's first physical batch, before ``optimizer.step()``."""
+
+    def after_step(self, training: Training) -> None:
+        """After each optimizer step that ended a logical batch (the noised gradient is in ``.grad``)."""
 
 
 @dataclass
@@ -195,7 +210,8 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
             if run.refresh_public is not None and starts_logical_batch and step % refresh_every == 0:
                 run.refresh_public()
             stats = _physical_step(training, images.to(device), labels.to(device), run.adversarial,
-                                   views=run.views, with_stats=with_stats, numerics=run.numerics)
+                                   views=run.views, with_stats=with_stats, numerics=run.numerics,
+                                   before_clipping=run.hooks.before_clipping if starts_logical_batch else None)
             if stats is not None:
                 progress.loss_sum += stats.loss_sum
                 progress.correct += stats.correct
@@ -207,6 +223,7 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
                 except TrainingStopped as stop:
                     raise TrainingStopped(stop.status, f"step {step + 1} (epoch {epoch}): {stop.reason}") from None
                 progress.steps += 1
+                run.hooks.after_step(training)
                 if run.ema is not None:
                     run.ema.update_parameters(training.base_model)  # the released weights: post-processing
                 bar.update(1)

@@ -32,7 +32,7 @@ from src.config import Config, ModelConfig
 from src.data import DatasetSpec
 from src.distributed import Ranks, broadcast, current_ranks, gather, rank_stream
 from src.errors import TrainingStopped, UserError
-from src.loop import EpochSpec, Numerics, StoppedAtBoundary, evaluate, public_refresher, require_finite_weights, train_epoch
+from src.loop import EpochSpec, Numerics, StepHooks, StoppedAtBoundary, evaluate, public_refresher, require_finite_weights, train_epoch
 from src.preemption import Interrupted, StopSignals
 from src.privacy import Training, attach, check_engine_supports
 from src.report import accuracy_interval, announce, epoch_line, report_outcome
@@ -107,6 +107,7 @@ class PreparedRun:
     ranks: Ranks = Ranks()  # this process's place in a multi-process run (src.distributed)
     numerics: Numerics = Numerics()  # --precision, --channels-last: how a training step computes
     stop: Optional[StopSignals] = None  # SIGTERM / SIGINT while training (src.preemption)
+    hooks: StepHooks = StepHooks()  # instruments around each step (the white-box audit's canaries)
 
 
 @dataclass
@@ -258,16 +259,19 @@ def _continue(prepared: PreparedRun, saved: dict) -> Start:
                  previous_seconds=summary.wall_seconds or 0.0)
 
 
-def run(config: Config, spec: DatasetSpec, resume: bool = False) -> TrainingSummary:
+def run(config: Config, spec: DatasetSpec, resume: bool = False,
+        hooks: Optional[StepHooks] = None) -> TrainingSummary:
     """Train one configuration end to end and return its summary (also written to summary.json).
 
     Everything that can be refused (data, privacy plan, output folder) is checked before the run
     directory exists, so a bad request leaves nothing behind. With ``resume`` the run directory named by
-    the config exists and the run continues from its checkpoint (``src.checkpoint``).
+    the config exists and the run continues from its checkpoint (``src.checkpoint``). ``hooks`` are called
+    around every step (``src.loop.StepHooks``; the white-box audit's gradient canaries).
     """
     started = time.time()
     saved = checkpoint.load(Path(config.output.out) / config.output.run_id) if resume else None
     prepared = _prepare(config, spec, Seeds(**saved["seeds"]) if resume else None)
+    prepared.hooks = hooks or StepHooks()
     device, data, plan, seeds, training = (prepared.device, prepared.data, prepared.plan, prepared.seeds,
                                            prepared.training)
     identity = checkpoint.data_identity(data)

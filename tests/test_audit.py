@@ -78,3 +78,30 @@ def test_the_same_memorising_training_with_clipping_is_not_caught(audit_root, tm
     """The control for the test above: only the clipping differs, so it is what the audit caught."""
     report = _audit(audit_root, tmp_path, *MEMORISING)
     assert report["epsilon_lower_bound"] <= report["claimed_epsilon"], report
+
+
+WHITE_BOX = ["--white-box", "--train-subset", 100, "--canaries", 20000, "--epochs", 3, "--test-subset", 20]
+
+
+def _white_box(audit_root, tmp_path, *extra):
+    from experiments.audit import main as audit_main
+
+    out = tmp_path / "wb"
+    code = audit_main([str(a) for a in ["--data-root", audit_root, *WHITE_BOX, "--out", out, "--json", *extra]])
+    assert code == 0
+    return json.loads(next(out.glob("*/audit.json")).read_text())
+
+
+@pytest.mark.parametrize("engine", ["bk", "hooks", "mixed-ghost"])
+def test_white_box_audit_comes_close_to_epsilon_without_passing_it(engine, audit_root, tmp_path):
+    """Gradient canaries through each engine's clipping and noise, scored from every noised gradient: the bound
+    reaches a large part of the claimed epsilon (2) and never passes it."""
+    report = _white_box(audit_root, tmp_path, "--engine", engine, "--target-epsilon", 2)
+    assert report["white_box"] and report["sample_rate"] == 1.0
+    assert 0.3 * report["claimed_epsilon"] < report["epsilon_lower_bound"] < report["claimed_epsilon"]
+
+
+@pytest.mark.parametrize("broken", ["no-clipping", "half-noise"])
+def test_white_box_audit_catches_a_broken_mechanism(broken, audit_root, tmp_path):
+    report = _white_box(audit_root, tmp_path, "--broken", broken, "--target-epsilon", 2)
+    assert report["epsilon_lower_bound"] > report["claimed_epsilon"], report["guesses"]
