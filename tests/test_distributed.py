@@ -153,9 +153,12 @@ def _torchrun(*args, cwd, nproc: int = WORLD, script=None, timeout: int = 600):
 
 
 def _flags(root, out, run_id):
+    """Public BatchNorm and robust (FGSM-RS) training too: each rank refreshes the same public statistics and
+    attacks its own examples."""
     return ["--dataset", "mnist", "--data-root", root, "--train-subset", 240, "--batch-size", 32,
             "--physical-batch-size", 16, "--epochs", 3, "--noise", 1.0, "--wandb", "disabled", "--out", out,
-            "--run-id", run_id, "--checkpoint-every", 3, "--eval-robust-size", 0, "--seed", 0]
+            "--run-id", run_id, "--checkpoint-every", 3, "--eval-robust-size", 10, "--seed", 0,
+            "--norm", "bn-public", "--robust", "--attack", "fgsm-rs"]
 
 
 # vision.py under torchrun, with rank 0 SIGKILLed at the start of its KILL_AT-th physical batch (torchrun then
@@ -210,5 +213,5 @@ def test_torchrun_epsilon_resume_and_world_size(tiny_root, tmp_path):
         assert torch.equal(expected[name], got[name]), f"{name} differs after resume"
     summary = json.loads((killed_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["epsilon"] == two["epsilon"]
-    assert summary["test_acc"] == two["test_acc"]
+    assert summary["test_acc"] == two["test_acc"] and summary["robust_acc"] == two["robust_acc"]
 
