@@ -3,6 +3,7 @@ BatchMemoryManager, each physical batch attacked (robust training), clipped and 
 divergence stop on the weights; evaluation; the public BatchNorm refresher."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -22,7 +23,7 @@ from src.checkpoint import EpochProgress, rank_streams, resumed_sampling
 from src.augment import AugmentedViews
 from src.data import PublicData
 from src.errors import TrainingStopped
-from src.preemption import Interrupted
+from src.preemption import Interrupted, StopNow
 from src.privacy import Training
 
 if TYPE_CHECKING:
@@ -79,7 +80,8 @@ class BatchStats:
 def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tensor,
                    adversarial: Optional[AdversarialBatches] = None, *, views: Optional[AugmentedViews] = None,
                    with_stats: bool = False, numerics: Numerics = Numerics(),
-                   before_clipping: Optional[Callable[[Training], None]] = None) -> Optional[BatchStats]:
+                   before_clipping: Optional[Callable[[Training], None]] = None,
+                   abortable=contextlib.nullcontext) -> Optional[BatchStats]:
     """Forward/backward on one physical batch and ``optimizer.step()`` (a real step only at the end of a
     logical batch). With ``views`` (--augment, --augmult) the model trains on K augmented views of each
     example, and every engine clips the mean of an example's view gradients once (``dp_layers.augmult``).
@@ -90,23 +92,26 @@ def _physical_step(training: Training, images: torch.Tensor, labels: torch.Tenso
     NHWC (``Numerics``).
     """
     k = 1
-    if views is not None:
-        images, labels = views(images, labels)
-        k = views.views
+    with abortable():  # a stop signal may abandon this part: no optimizer, accountant or weight has changed yet
+        if views is not None:
+            images, labels = views(images, labels)
+            k = views.views
+        with views_per_example(k):
+            if adversarial is not None:
+                images = adversarial(training.model, images, labels)
+            training.optimizer.zero_grad()
+            images = numerics.layout(images)
+            with numerics.autocast(images.device):
+                logits = training.model(images)
+                loss = training.criterion(logits, labels)
+            stats = None
+            if with_stats:
+                loss_sum = (F.cross_entropy(logits.detach().float(), labels, reduction="sum").item()
+                            if len(labels) else 0.0)
+                stats = BatchStats(loss_sum / k, (logits.detach().argmax(dim=1) == labels).sum().item() / k)
+            loss.backward()
+            training.group_views(k)
     with views_per_example(k):
-        if adversarial is not None:
-            images = adversarial(training.model, images, labels)
-        training.optimizer.zero_grad()
-        images = numerics.layout(images)
-        with numerics.autocast(images.device):
-            logits = training.model(images)
-            loss = training.criterion(logits, labels)
-        stats = None
-        if with_stats:
-            loss_sum = F.cross_entropy(logits.detach().float(), labels, reduction="sum").item() if len(labels) else 0.0
-            stats = BatchStats(loss_sum / k, (logits.detach().argmax(dim=1) == labels).sum().item() / k)
-        loss.backward()
-        training.group_views(k)
         if before_clipping is not None:
             before_clipping(training)
         training.optimizer.step()
@@ -209,9 +214,14 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
                                                         f"(epoch {epoch})"), boundary)
             if run.refresh_public is not None and starts_logical_batch and step % refresh_every == 0:
                 run.refresh_public()
-            stats = _physical_step(training, images.to(device), labels.to(device), run.adversarial,
-                                   views=run.views, with_stats=with_stats, numerics=run.numerics,
-                                   before_clipping=run.hooks.before_clipping if starts_logical_batch else None)
+            try:
+                stats = _physical_step(training, images.to(device), labels.to(device), run.adversarial,
+                                       views=run.views, with_stats=with_stats, numerics=run.numerics,
+                                       before_clipping=run.hooks.before_clipping if starts_logical_batch else None,
+                                       abortable=run.stop.abortable if run.stop is not None else contextlib.nullcontext)
+            except StopNow:
+                raise StoppedAtBoundary(run.stop.reason(f"after step {first_step + boundary.progress.steps} "
+                                                        f"(epoch {epoch})"), boundary) from None
             if stats is not None:
                 progress.loss_sum += stats.loss_sum
                 progress.correct += stats.correct

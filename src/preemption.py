@@ -1,13 +1,17 @@
 """Stopping cleanly on SIGTERM (a cluster preempting the job) or SIGINT (Ctrl-C).
 
-The first signal only asks: the run finishes the physical batch in progress, checkpoints at the last finished
-optimizer step (a logical batch cut short is dropped and redone on resume, with the random streams it had at
-its start), marks itself ``interrupted`` with the signal's name, flushes wandb and exits with code 130. Its
-``--resume`` then ends bit for bit where an uninterrupted run ends. A second signal exits at once
+The first signal asks the run to stop: work that changes nothing yet (a physical batch's forward and backward
+passes, an epoch's evaluation) is abandoned at once, in one process (``abortable``); an optimizer step in
+progress is finished. The run checkpoints at the last finished optimizer step (a logical batch cut short is
+dropped and redone on resume, with the random streams it had at its start; an evaluation cut short is redone),
+marks itself ``interrupted`` with the signal's name, flushes wandb and exits with code 130. Its ``--resume``
+then ends bit for bit where an uninterrupted run ends. With several processes the ranks only stop at a
+logical-batch boundary, where they agree (a rank abandoning a batch alone would leave the others waiting). A second signal exits at once
 (``os._exit``): every file is written atomically, so the last good checkpoint stays.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -30,6 +34,11 @@ class Interrupted(TrainingStopped):
         super().__init__("interrupted", reason)
 
 
+class StopNow(BaseException):
+    """Raised by the signal handler inside an ``abortable`` section. A BaseException, like KeyboardInterrupt,
+    so that no ``except Exception`` on the way turns a stop into a failure."""
+
+
 class StopSignals:
     """While active (a context manager in the main thread), SIGTERM and SIGINT set ``received`` instead of
     killing the process; a second one exits at once. Elsewhere (another thread) it does nothing."""
@@ -37,6 +46,7 @@ class StopSignals:
     def __init__(self):
         self.received: Optional[str] = None
         self._previous: dict = {}
+        self._abortable = False
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -55,8 +65,21 @@ class StopSignals:
             os.write(2, f"{name} again: exiting now; the last checkpoint stays\n".encode())
             os._exit(128 + number)
         self.received = name
-        os.write(2, f"{name} received: finishing the batch in progress, then checkpointing and stopping "
-                    f"(send it again to exit at once)\n".encode())
+        os.write(2, f"{name} received: checkpointing the last finished step and stopping (send it again to "
+                    f"exit at once)\n".encode())
+        if self._abortable:
+            raise StopNow(name)
+
+    @contextlib.contextmanager
+    def abortable(self):
+        """Work a stop may abandon at once (it changes no state a checkpoint holds). One process only."""
+        if self.received is not None:
+            raise StopNow(self.received)
+        self._abortable = not dist.is_initialized()
+        try:
+            yield
+        finally:
+            self._abortable = False
 
     def requested(self) -> bool:
         """Whether to stop now. With several processes the ranks agree (a rank that got the signal stops them

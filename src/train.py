@@ -3,6 +3,7 @@ create or resume the run directory, the epoch loop with evaluation, checkpoints 
 outcome. The loop itself is ``src.loop``; what is printed is ``src.report``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -33,7 +34,7 @@ from src.data import DatasetSpec
 from src.distributed import Ranks, broadcast, current_ranks, gather, rank_stream
 from src.errors import TrainingStopped, UserError
 from src.loop import EpochSpec, Numerics, StepHooks, StoppedAtBoundary, evaluate, public_refresher, require_finite_weights, train_epoch
-from src.preemption import Interrupted, StopSignals
+from src.preemption import Interrupted, StopNow, StopSignals
 from src.privacy import Training, attach, check_engine_supports
 from src.report import accuracy_interval, announce, epoch_line, report_outcome
 from src.run_directory import FollowerRunDirectory, RunDirectory
@@ -354,10 +355,17 @@ def _train_epochs(session: RunSession, start: Start, started: float) -> None:
         budget_hit = session.step_limit is not None and step >= session.step_limit and step < plan.steps
         with_robust = bool(robust.eval_robust_size) and (epoch % robust.eval_robust_every == 0
                                                          or epoch == config.train.epochs or budget_hit)
-        row = {"epoch": epoch, "step": step, **_evaluate(session, training.model, session.refresh_public, with_robust)}
-        if session.ema is not None:  # the average of the weights, evaluated the same way (post-processing)
-            evaluated = _evaluate(session, session.ema, session.refresh_ema, with_robust)
-            row.update({f"{key}_ema": value for key, value in evaluated.items()})
+        trained = checkpoint.rank_streams(session.generators) if session.stop is not None else None
+        try:  # a stop signal abandons the evaluation: the resume redoes it from this epoch's trained state
+            with session.stop.abortable() if session.stop is not None else contextlib.nullcontext():
+                row = {"epoch": epoch, "step": step,
+                       **_evaluate(session, training.model, session.refresh_public, with_robust)}
+                if session.ema is not None:  # the average of the weights, evaluated the same way (post-processing)
+                    evaluated = _evaluate(session, session.ema, session.refresh_ema, with_robust)
+                    row.update({f"{key}_ema": value for key, value in evaluated.items()})
+        except StopNow:
+            session.save_checkpoint(Position(epoch=epoch - 1, step=step, partial=progress), streams=trained)
+            raise Interrupted(session.stop.reason(f"after step {step}, before epoch {epoch}'s evaluation")) from None
         row.update(epsilon=epsilon, seconds=time.time() - epoch_started, train_seconds=train_seconds)
         if config.output.unprotected_train_stats:
             row.update(train_loss_unprotected=progress.loss, train_acc_unprotected=progress.accuracy)

@@ -17,23 +17,35 @@ import torch
 from src import checkpoint
 from tests.conftest import REPO, run_cli
 
-# vision.py in this process, sending itself SIGNAL at the start of its AT-th physical batch (TWICE: a second
-# one right after the first), and writing the time of the first signal to signalled_at.
+# vision.py in this process, sending itself SIGNAL at the start of its AT-th physical batch, inside it (so the
+# batch is abandoned), or with AT "eval-N" inside the N-th evaluation of the test set (TWICE: a second one
+# right after the first), and writing the time of the first signal to signalled_at.
 SIGNALLED_RUN = """
 import os, signal, sys, time
 sys.path.insert(0, {repo!r})
 import src.loop as loop
+import src.train as train
+at = {at!r}
+def signal_now():
+    open("signalled_at", "w").write(repr(time.time()))
+    os.kill(os.getpid(), signal.{signal})
+    if {twice}:
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.{signal})
 original, calls = loop._physical_step, [0]
 def physical_step(*args, **kwargs):
     calls[0] += 1
-    if calls[0] == {at}:
-        open("signalled_at", "w").write(repr(time.time()))
-        os.kill(os.getpid(), signal.{signal})
-        if {twice}:
-            time.sleep(0.2)
-            os.kill(os.getpid(), signal.{signal})
+    if calls[0] == at:
+        signal_now()
     return original(*args, **kwargs)
 loop._physical_step = physical_step
+evaluate, evaluations = train.evaluate, [0]
+def evaluating(*args, **kwargs):
+    evaluations[0] += 1
+    if at == "eval-" + str(evaluations[0]):
+        signal_now()
+    return evaluate(*args, **kwargs)
+train.evaluate = evaluating
 import vision
 sys.exit(vision.main(sys.argv[1:]))
 """
@@ -52,8 +64,9 @@ def _signalled(tmp_path, args, at: int, name: str = "SIGTERM", twice: bool = Fal
     return started, float((tmp_path / "signalled_at").read_text())
 
 
-@pytest.mark.parametrize("name,at", [("SIGTERM", 21), ("SIGINT", 9), ("SIGTERM", 16)],
-                         ids=["sigterm-mid-epoch", "sigint-mid-epoch", "sigterm-at-an-epoch-end"])
+@pytest.mark.parametrize("name,at", [("SIGTERM", 21), ("SIGINT", 9), ("SIGTERM", 16), ("SIGTERM", "eval-2")],
+                         ids=["sigterm-mid-epoch", "sigint-mid-epoch", "sigterm-at-an-epoch-end",
+                              "sigterm-during-an-evaluation"])
 def test_a_signal_checkpoints_stops_and_the_resume_is_bit_for_bit(name, at, tiny_root, tmp_path):
     reference = run_cli(*_flags(tiny_root, tmp_path, "uninterrupted", "--engine", "mixed-ghost", "--ema", "0.9"),
                         cwd=tmp_path)
@@ -69,6 +82,8 @@ def test_a_signal_checkpoints_stops_and_the_resume_is_bit_for_bit(name, at, tiny
     assert "--resume" in summary["reason"]
     position = checkpoint.position_of(checkpoint.load(run_dir))
     assert position.step > 0
+    if str(at).startswith("eval"):  # stopped after the epoch's steps, before its evaluation and release
+        assert position.partial is not None and position.partial.steps == 8 and not (run_dir / "model.pt").exists()
 
     resumed = run_cli("--resume", run_dir, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
