@@ -111,7 +111,7 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int, extra: list, wandb_mode: st
     sweep_dir = out / sweep.name
     (sweep_dir / "_logs").mkdir(parents=True, exist_ok=True)
     points = sweep.points()
-    todo, counts = [], {"skipped": 0, "finished": 0, "failed": 0, "retried": 0, "resumed": 0}
+    todo, counts = [], {"skipped": 0, "finished": 0, "failed": 0, "retried": 0, "resumed": 0, "stopped": 0}
     for point in points:
         run_dir = sweep_dir / point.run_id
         state = run_state(run_dir)
@@ -139,6 +139,8 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int, extra: list, wandb_mode: st
             state = run_state(sweep_dir / point.run_id)
             if code == 0 or state in DONE_STATES:
                 counts["finished"] += 1
+            elif running.stopping and state in ("missing", "interrupted"):  # stopped or never started: resumable
+                counts["stopped"] += 1
             else:
                 counts["failed"] += 1
                 failures.append(f"{point.run_id} (exit {code}, {state}; see _logs/{point.run_id}.log)")
@@ -177,10 +179,11 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"experiments.run: error: {error}", file=sys.stderr)
         return 2
+    stopped = f", {summary['stopped']} stopped or not started" if summary["stopped"] else ""
     print(f"sweep {summary['sweep']}: {summary['runs']} runs, {summary['skipped']} already done, "
           f"{summary['finished']} finished now, {summary['failed']} failed ({summary['retried']} restarted, "
-          f"{summary['resumed']} resumed from a checkpoint); "
-          f"{summary['directory']}")
+          f"{summary['resumed']} resumed from a checkpoint)"
+          f"{stopped}; {summary['directory']}")
     for failure in summary["failures"]:
         print(f"  failed: {failure}")
     if summary["stopped_by"]:

@@ -8,9 +8,9 @@ per cell and the tuning seed), ``seeds`` and ``fixed`` flags. Three stages, each
 ``experiments.run`` (resumable: finished runs are skipped, interrupted ones resume from their checkpoint):
 
 1. ``<name>-tune``: every cell at every tuned value, the tuning seed, no robust evaluation (a cell whose
-   training is in ``borrow_tuning`` takes the choice of the same cell under the training named there). The choice per cell
-   is the value with the best validation accuracy after the last epoch (ties: the first listed); the test
-   numbers these runs also record are never read. Written to ``<out>/<name>-selection.json``.
+   training is in ``borrow_tuning`` takes the choice of the same cell under the training named there). The
+   choice per cell is the value with the best validation accuracy after the last epoch (ties: the first
+   listed); the test numbers these runs also record are never read. Written to ``<out>/<name>-selection.json``.
 2. ``<name>-final``: every cell at its chosen value, each seed: the runs the study reports.
 3. ``<name>-autoattack``: ``vision.py --eval-only`` of every final model under AutoAttack, on the same first
    ``eval-robust-size`` test images as its PGD number.
@@ -210,7 +210,8 @@ def main(argv=None) -> int:
         return 2
     for stage, summary in report.items():
         print(f"{stage}: {summary['runs']} runs, {summary['skipped']} already done, {summary['finished']} finished "
-              f"now, {summary['failed']} failed, {summary['resumed']} resumed; {summary['directory']}")
+              f"now, {summary['failed']} failed, {summary['resumed']} resumed, {summary['stopped']} stopped or not "
+              f"started; {summary['directory']}")
     stopped = next((s["stopped_by"] for s in report.values() if s["stopped_by"]), "")
     if stopped:
         print(f"stopped by {stopped}: the next call continues")

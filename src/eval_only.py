@@ -45,7 +45,8 @@ def run_eval_only(config: Config, spec: DatasetSpec, source_run: str) -> Evaluat
                              group=config.output.wandb_group, run_dir=run_dir.path, run_id=run_dir.run_id,
                              config=record, tags=[spec.name, "eval-only"])
     summary = EvaluationSummary(run_id=run_dir.run_id, source_run=record["eval_only"], dataset=spec.name,
-                                eval_attack=robust.eval_attack_spec().to_dict(), eval_robust_size=robust.eval_robust_size,
+                                eval_attack=robust.eval_attack_spec().to_dict(),
+                                eval_robust_size=robust.eval_robust_size,
                                 wandb=tracker.directory or tracker.error)
     try:
         with recording_outcome(summary):

@@ -6,8 +6,9 @@ progress is finished. The run checkpoints at the last finished optimizer step (a
 dropped and redone on resume, with the random streams it had at its start; an evaluation cut short is redone),
 marks itself ``interrupted`` with the signal's name, flushes wandb and exits with code 130. Its ``--resume``
 then ends bit for bit where an uninterrupted run ends. With several processes the ranks only stop at a
-logical-batch boundary, where they agree (a rank abandoning a batch alone would leave the others waiting). A second signal exits at once
-(``os._exit``): every file is written atomically, so the last good checkpoint stays.
+logical-batch boundary, where they agree (a rank abandoning a batch alone would leave the others waiting).
+A second signal exits at once (``os._exit``): every file is written atomically, so the last good checkpoint
+stays.
 """
 from __future__ import annotations
 

@@ -33,7 +33,8 @@ from src.config import Config, ModelConfig
 from src.data import DatasetSpec
 from src.distributed import Ranks, broadcast, current_ranks, gather, rank_stream
 from src.errors import TrainingStopped, UserError
-from src.loop import EpochSpec, Numerics, StepHooks, StoppedAtBoundary, evaluate, public_refresher, require_finite_weights, train_epoch
+from src.loop import (EpochSpec, Numerics, StepHooks, StoppedAtBoundary, evaluate, public_refresher,
+                      require_finite_weights, train_epoch)
 from src.preemption import Interrupted, StopNow, StopSignals
 from src.privacy import Training, attach, check_engine_supports
 from src.report import accuracy_interval, announce, epoch_line, report_outcome
@@ -413,7 +414,8 @@ def _evaluate(session: RunSession, model: torch.nn.Module, refresh_public: Optio
                                                          device=device)
     if with_robust:
         robust = config.robust
-        result["robust_acc"] = robust_accuracy(model, data.test, robust.eval_attack_spec(), size=robust.eval_robust_size,
+        result["robust_acc"] = robust_accuracy(model, data.test, robust.eval_attack_spec(),
+                                               size=robust.eval_robust_size,
                                                batch_size=config.train.eval_batch_size, device=device,
                                                seed=session.seeds.evaluation)
     return result
