@@ -64,13 +64,20 @@ def _signalled(tmp_path, args, at: int, name: str = "SIGTERM", twice: bool = Fal
     return started, float((tmp_path / "signalled_at").read_text())
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_root, tmp_path_factory):
+    """The reference: the same run without a signal (one for all the signal cases)."""
+    folder = tmp_path_factory.mktemp("reference")
+    reference = run_cli(*_flags(tiny_root, folder, "uninterrupted", "--engine", "mixed-ghost", "--ema", "0.9"),
+                        cwd=folder)
+    assert reference.returncode == 0, reference.stderr
+    return folder / "uninterrupted"
+
+
 @pytest.mark.parametrize("name,at", [("SIGTERM", 21), ("SIGINT", 9), ("SIGTERM", 16), ("SIGTERM", "eval-2")],
                          ids=["sigterm-mid-epoch", "sigint-mid-epoch", "sigterm-at-an-epoch-end",
                               "sigterm-during-an-evaluation"])
-def test_a_signal_checkpoints_stops_and_the_resume_is_bit_for_bit(name, at, tiny_root, tmp_path):
-    reference = run_cli(*_flags(tiny_root, tmp_path, "uninterrupted", "--engine", "mixed-ghost", "--ema", "0.9"),
-                        cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr
+def test_a_signal_checkpoints_stops_and_the_resume_is_bit_for_bit(name, at, tiny_root, tmp_path, uninterrupted):
     stopped, signalled_at = _signalled(tmp_path, _flags(tiny_root, tmp_path, "stopped", "--engine", "mixed-ghost",
                                                         "--ema", "0.9"), at, name)
     assert time.time() - signalled_at < 30
@@ -88,11 +95,11 @@ def test_a_signal_checkpoints_stops_and_the_resume_is_bit_for_bit(name, at, tiny
     resumed = run_cli("--resume", run_dir, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     for file in ("model.pt", "model_ema.pt"):
-        expected, got = torch.load(tmp_path / "uninterrupted" / file), torch.load(run_dir / file)
+        expected, got = torch.load(uninterrupted / file), torch.load(run_dir / file)
         for key in expected:
             assert torch.equal(expected[key], got[key]), f"{file}: {key} differs after the interrupted run resumed"
     final = json.loads((run_dir / "summary.json").read_text())
-    expected = json.loads((tmp_path / "uninterrupted" / "summary.json").read_text())
+    expected = json.loads((uninterrupted / "summary.json").read_text())
     assert final["status"] == "finished" and final["resumed"] == 1
     for key in ("epsilon", "steps", "test_acc", "test_acc_ema"):
         assert final[key] == expected[key], key
