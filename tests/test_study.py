@@ -72,3 +72,20 @@ def test_a_study_without_validation_split_is_refused(tmp_path):
     path.write_text(STUDY.format(root=tmp_path).replace("  val-size: 60\n", ""))
     with pytest.raises(UserError, match="validation split"):
         load_study(path)
+
+
+def test_the_shipped_study_files_load():
+    """The normalization study v2 and its public-set-size companion parse, with the cells the issue asks for."""
+    from experiments.study import final_stage, tune_stage
+    from experiments.sweep import _run_id, load_sweep
+    from tests.conftest import REPO
+
+    study = load_study(REPO / "experiments" / "sweeps" / "mnist_study_v2.yaml")
+    assert set(study.cells["norm"]) == {"none", "group", "layer", "bn-public"} and study.cells["noise"] == [1, 5, 10]
+    assert study.fixed["val-size"] > 0 and study.seeds == [0, 1, 2]
+    tuned_cells = 4 * 3 * 2  # the pgd-3 cells borrow the fgsm-rs choice
+    assert len(tune_stage(study).points()) == tuned_cells * len(study.tune["lr"])
+    choices = {_run_id(cell): {"lr": 0.5} for cell in study.cell_values()}
+    assert len(final_stage(study, choices).points()) == 4 * 3 * 3 * 3
+    sizes = load_sweep(REPO / "experiments" / "sweeps" / "mnist_public_size.yaml")
+    assert sorted({p.values["public-size"] for p in sizes.points()}) == [16, 32, 64, 105]
