@@ -1,10 +1,16 @@
 """Collect a sweep's run directories into one tidy CSV: a row per run per epoch.
 
     python -m experiments.collect runs/mnist-study --csv experiments/results/mnist-study.csv
+    python -m experiments.collect runs/mnist-study-v2-final --evaluations runs/mnist-study-v2-autoattack
+
+``--evaluations`` names a folder of ``vision.py --eval-only`` runs of the sweep's models (a study's AutoAttack
+stage): each one's robust accuracy lands, as ``autoattack_acc`` (or ``<method>_acc``), on the last epoch's row
+of the run it evaluated.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -14,12 +20,27 @@ from src.errors import UserError
 from src.atomic_files import atomic_write_text
 from src.run_directory import RunDirectory
 
-COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "robust", "attack", "pgd_eps",
-           "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train", "epoch",
+COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "robust", "attack", "training", "pgd_eps",
+           "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train", "public_size", "epoch",
            "step", "epsilon", "val_loss", "val_acc", "test_loss", "test_acc", "robust_acc", "val_acc_ema",
-           "test_acc_ema", "robust_acc_ema", "seconds"]  # *_ema: the averaged weights of --ema runs
+           "test_acc_ema", "robust_acc_ema", "seconds", "autoattack_acc"]  # *_ema: the averaged weights of --ema runs
+# autoattack_acc: from --evaluations, on the last epoch's row only
 # Loss and accuracy on the private training batches are never collected: epsilon does not cover them
 # (runs with --unprotected-train-stats keep them, labelled, in their own metrics.jsonl only).
+
+
+def training_name(robust: dict) -> str:
+    """How a run trained, as the study names it: clean, fgsm-rs, pgd-<steps>, ..."""
+    if not robust.get("robust"):
+        return "clean"
+    attack = robust.get("attack") or "pgd"
+    return f"pgd-{robust['pgd_steps']}" if attack == "pgd" and robust.get("pgd_steps") else attack
+
+
+def public_size(config: dict):
+    """How many public images set the BatchNorm statistics (the data may hold fewer than asked for)."""
+    found = re.search(r"first (\d+)", config.get("public_data") or "")
+    return int(found.group(1)) if found else None
 
 
 def run_rows(run_dir: Path, sweep: str) -> list:
@@ -30,11 +51,12 @@ def run_rows(run_dir: Path, sweep: str) -> list:
     fixed = {"sweep": sweep, "run_id": run_dir.name, "status": summary.status,
              "dataset": config["data"]["dataset"], "norm": config["model"]["norm"], "act": config["model"]["act"],
              "engine": config["privacy"]["engine"], "robust": bool(robust.get("robust", False)),
-             "attack": robust.get("attack") if robust.get("robust") else None, "pgd_eps": robust.get("pgd_eps"),
+             "attack": robust.get("attack") if robust.get("robust") else None, "training": training_name(robust),
+             "pgd_eps": robust.get("pgd_eps"),
              "noise_multiplier": summary.noise_multiplier, "clip": config["privacy"]["clip"],
              "batch_size": config["train"]["batch_size"], "lr": config["train"]["lr"], "seed": config["train"]["seed"],
              "accountant": config["privacy"]["accountant"], "delta": summary.delta,
-             "n_train": summary.n_train}
+             "n_train": summary.n_train, "public_size": public_size(config)}
     rows = []
     for metrics in run.read_metrics():
         rows.append({**fixed, **{k: metrics.get(k) for k in COLUMNS if k not in fixed}})
@@ -58,13 +80,47 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def add_evaluations(table: pd.DataFrame, evaluations_dir: Path) -> pd.DataFrame:
+    """Each finished ``--eval-only`` run's robust accuracy on the last epoch's row of the run it evaluated, as
+    ``<method>_acc`` (autoattack_acc). A model evaluated twice, or an evaluation of no run here, is refused."""
+    evaluations_dir = Path(evaluations_dir)
+    if not evaluations_dir.is_dir():
+        raise UserError(f"{evaluations_dir} is not a folder of --eval-only runs")
+    table = table.copy()
+    seen = set()
+    for run_dir in sorted(evaluations_dir.iterdir()):
+        run = RunDirectory(run_dir)
+        if not run_dir.is_dir() or run_dir.name.startswith("_") or not run.is_run():
+            continue
+        summary = run.read_summary()
+        if not getattr(summary, "source_run", "") or summary.status != "finished":
+            continue
+        source = Path(summary.source_run).name
+        column = f"{summary.eval_attack['method']}_acc"
+        if (source, column) in seen:
+            raise UserError(f"{source} is evaluated twice by {column.split('_')[0]} in {evaluations_dir}")
+        seen.add((source, column))
+        rows = table.index[table["run_id"] == source]
+        if len(rows) == 0:
+            raise UserError(f"{run_dir} evaluates {source}, which is not a run of this sweep")
+        last = table.loc[rows, "epoch"].idxmax()
+        if column not in table:
+            table[column] = None
+        table.loc[last, column] = summary.robust_acc
+    return table
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.collect", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--csv", type=Path, help="where to write (default experiments/results/<sweep>.csv)")
+    parser.add_argument("--evaluations", type=Path, help="a folder of --eval-only runs of these models "
+                        "(a study's AutoAttack stage)")
     args = parser.parse_args(argv)
     try:
         table = collect(args.sweep_dir)
+        if args.evaluations:
+            table = add_evaluations(table, args.evaluations)
     except UserError as error:
         print(f"experiments.collect: error: {error}", file=sys.stderr)
         return 2

@@ -3,9 +3,11 @@
     python -m experiments.figures experiments/results/mnist-study.csv [--run runs/mnist-study/RUN]
         [--benchmark benchmarks/results_cpu.json] [--out images] [--prefix mnist]
 
-1. test accuracy vs epsilon, one panel per noise multiplier, hue = normalization, style = robust training,
-   mean and standard deviation over seeds (one point per epoch): the CS523 study's Figures 1-2;
+1. test accuracy vs epsilon, one panel per noise multiplier (columns) and training (rows: clean, fgsm-rs,
+   pgd-k), hue = normalization, one point per epoch, mean over seeds with a Student-t 95% band: the CS523
+   study's Figures 1-2;
 2. the same for robust accuracy (runs that measured it);
+2b. bn-public's final accuracy against the public-set size, when the table varies it;
 3. validation/test accuracy and loss and epsilon per epoch for one run (the plots of the JAX DP-SGD MNIST
    example; statistics of the private training batches are not drawn, since epsilon does not cover them);
 4. the engine benchmark: time and memory ratios against non-private training.
@@ -24,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from experiments.table import final_rows, t_interval  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.run_directory import RunDirectory  # noqa: E402
 
@@ -47,21 +50,52 @@ def _save(figure, out: Path, name: str) -> list:
     return paths
 
 
+def _with_training(table: pd.DataFrame) -> pd.DataFrame:
+    """The ``training`` column (clean, fgsm-rs, pgd-3, ...); tables collected before it existed derive it."""
+    table = table.copy()
+    if "training" not in table or table["training"].isna().all():
+        table["training"] = [attack if robust and isinstance(attack, str) else ("robust" if robust else "clean")
+                             for robust, attack in zip(table["robust"], table["attack"])]
+    return table
+
+
 def accuracy_vs_epsilon(table: pd.DataFrame, column: str, out: Path, name: str) -> list:
-    data = table[table[column].notna() & table["epsilon"].notna()].copy()
+    """One point per epoch: mean over seeds and its Student-t 95% interval as a band; panels by noise multiplier
+    (columns) and training (rows), one colour per normalization."""
+    data = _with_training(table[table[column].notna() & table["epsilon"].notna()])
     data = data[data["epsilon"] != float("inf")]
     if data.empty:
         return []
-    data["training"] = data["robust"].map({True: "robust (adversarial)", False: "clean"})
-    grid = sns.relplot(data=data, x="epsilon", y=column, hue="norm", style="training", col="noise_multiplier",
-                       kind="line", marker="o", errorbar="sd", facet_kws={"sharex": False}, height=3.2,
-                       col_wrap=min(3, data["noise_multiplier"].nunique()))
+    trainings = sorted(data["training"].unique(), key=lambda t: (t != "clean", t))
+    grid = sns.relplot(data=data, x="epsilon", y=column, hue="norm", col="noise_multiplier", row="training",
+                       row_order=trainings, kind="line", marker="o", errorbar=t_interval,
+                       facet_kws={"sharex": "col", "sharey": False}, height=2.8, aspect=1.2)
     ylabel = "test accuracy (%)" if column == "test_acc" else "robust test accuracy (%)"
     grid.set_axis_labels(_privacy_label(data), ylabel)
-    grid.set_titles("noise multiplier {col_name}")
+    grid.set_titles("{row_name} training, noise multiplier {col_name}")
     seeds = data["seed"].nunique()
-    grid.figure.suptitle(f"{ylabel} vs privacy spent, one point per epoch (mean and sd over {seeds} seed(s))",
-                         y=1.03)
+    grid.figure.suptitle(f"{ylabel} vs privacy spent, one point per epoch (mean over {seeds} seed(s), "
+                         "band: 95% t-interval)", y=1.02)
+    return _save(grid.figure, out, name)
+
+
+def accuracy_vs_public_size(table: pd.DataFrame, out: Path, name: str) -> list:
+    """bn-public's final test (and robust) accuracy against the number of public images, over seeds."""
+    data = final_rows(table[(table["norm"] == "bn-public") & table["public_size"].notna()])
+    if data["public_size"].nunique() < 2:
+        return []
+    measures = [c for c in ("test_acc", "robust_acc") if data[c].notna().any()]
+    long = data.melt(id_vars=["public_size", "seed"], value_vars=measures, var_name="measure",
+                     value_name="accuracy (%)")
+    long["measure"] = long["measure"].map({"test_acc": "test accuracy", "robust_acc": "robust accuracy (PGD)"})
+    long["public_size"] = long["public_size"].astype(int)
+    grid = sns.catplot(data=long, x="public_size", y="accuracy (%)", col="measure", kind="point",
+                       errorbar=t_interval, sharey=False, height=3.2, capsize=0.1)
+    grid.set_axis_labels("public images for the BatchNorm statistics", "accuracy after the last epoch (%)")
+    grid.set_titles("{col_name}")
+    noise = ", ".join(f"{v:g}" for v in sorted(data["noise_multiplier"].dropna().unique()))
+    grid.figure.suptitle(f"bn-public, noise multiplier {noise}: mean over {data['seed'].nunique()} seeds, "
+                         "95% t-interval", y=1.04)
     return _save(grid.figure, out, name)
 
 
@@ -131,6 +165,8 @@ def main(argv=None) -> int:
             prefix = args.prefix or str(table["sweep"].iloc[0])
             written += accuracy_vs_epsilon(table, "test_acc", args.out, f"{prefix}_accuracy_vs_epsilon")
             written += accuracy_vs_epsilon(table, "robust_acc", args.out, f"{prefix}_robust_accuracy_vs_epsilon")
+            if "public_size" in table:
+                written += accuracy_vs_public_size(table, args.out, f"{prefix}_accuracy_vs_public_size")
         if args.run:
             written += run_curves(args.run, args.out, f"{args.prefix or args.run.name}_run_curves")
         if args.benchmark:

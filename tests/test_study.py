@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from experiments.study import load_study, main
@@ -65,6 +66,22 @@ def test_study_tunes_on_validation_then_runs_seeds_then_autoattack(tiny_root, tm
         assert attacked["eval_robust_size"] == 12
     # A second call does nothing new: every stage is done.
     assert main([str(path), "--out", str(out), "--wandb", "disabled"]) == 0
+
+    # The report: one CSV with AutoAttack on each run's last row, then the per-cell table.
+    from experiments import collect, table
+    csv = tmp_path / "final.csv"
+    assert collect.main([str(out / "tiny-study-final"), "--csv", str(csv), "--evaluations",
+                         str(out / "tiny-study-autoattack")]) == 0
+    rows = pd.read_csv(csv)
+    assert set(rows["training"]) == {"clean", "fgsm-rs", "pgd-2"}
+    last = rows.loc[rows.groupby("run_id")["epoch"].idxmax()]
+    assert last["autoattack_acc"].notna().all() and rows["autoattack_acc"].notna().sum() == 3
+    for run_id, measured in zip(last["run_id"], last["autoattack_acc"]):
+        attacked = json.loads((out / "tiny-study-autoattack" / run_id / "summary.json").read_text())
+        assert measured == pytest.approx(attacked["robust_acc"])
+    assert table.main([str(csv), "--out", str(tmp_path / "cells")]) == 0
+    cells = pd.read_csv(tmp_path / "cells.csv")
+    assert len(cells) == 3 and "robust acc (AutoAttack), final mean" in cells
 
 
 def test_a_study_without_validation_split_is_refused(tmp_path):

@@ -1,0 +1,160 @@
+"""The study's table: per cell, final and best-epoch accuracy over seeds with 95% intervals, and robust accuracy
+under PGD and AutoAttack.
+
+    python -m experiments.table experiments/results/mnist-study-v2-final.csv [--by norm noise_multiplier training]
+        [--out experiments/results/mnist-study-v2-table]
+
+Writes ``<out>.md`` (a Markdown table for the README) and ``<out>.csv``. "Best epoch" is the epoch with the
+best *validation* accuracy of each run (the test set never picks it); runs without a validation split have no
+best-epoch column. Intervals are Student-t 95% intervals of the mean over seeds (mean +- t * sd / sqrt(n)), the
+honest choice for three seeds: a bootstrap over three values understates the spread.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import pandas as pd
+from scipy import stats
+
+from src.atomic_files import atomic_write_text
+from src.errors import UserError
+
+CELL = ["norm", "noise_multiplier", "training"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean over seeds and the half-width of its Student-t 95% interval (nan with one seed)."""
+
+    mean: float
+    half_width: float
+    n: int
+
+    @staticmethod
+    def of(values: Sequence[float]) -> "Interval":
+        values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+        if not values:
+            return Interval(math.nan, math.nan, 0)
+        n = len(values)
+        mean = sum(values) / n
+        if n == 1:
+            return Interval(mean, math.nan, 1)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        return Interval(mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n), n)
+
+    def bounds(self) -> tuple:
+        return self.mean - self.half_width, self.mean + self.half_width
+
+    def text(self) -> str:
+        if math.isnan(self.mean):
+            return "-"
+        return f"{self.mean:.2f}" if math.isnan(self.half_width) else f"{self.mean:.2f} ± {self.half_width:.2f}"
+
+
+def t_interval(values) -> tuple:
+    """The 95% interval as seaborn's ``errorbar`` callable wants it: (low, high)."""
+    return Interval.of(list(values)).bounds()
+
+
+def final_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last epoch."""
+    return table.loc[table.groupby("run_id")["epoch"].idxmax()]
+
+
+def best_epoch_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Each run's epoch of best validation accuracy (first among ties); empty without validation numbers."""
+    validated = table[table["val_acc"].notna()]
+    if validated.empty:
+        return validated
+    return validated.loc[validated.groupby("run_id")["val_acc"].idxmax()]
+
+
+MEASURES = [  # (column title, rows, column)
+    ("test acc, final", final_rows, "test_acc"),
+    ("test acc, best epoch", best_epoch_rows, "test_acc"),
+    ("robust acc (PGD), final", final_rows, "robust_acc"),
+    ("robust acc (AutoAttack), final", final_rows, "autoattack_acc"),
+]
+
+
+def cell_table(table: pd.DataFrame, by: List[str]) -> pd.DataFrame:
+    """One row per cell: seeds, epsilon at the end, and every measure the runs have as an Interval."""
+    missing = [c for c in by if c not in table]
+    if missing:
+        raise UserError(f"the table has no column {', '.join(missing)}")
+    finals = final_rows(table)
+    rows = []
+    for key, cell in finals.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        row["seeds"] = cell["seed"].nunique()
+        row["epsilon"] = cell["epsilon"].max()
+        row["lr"] = ", ".join(f"{v:g}" for v in sorted(set(cell["lr"])))
+        runs = set(cell["run_id"])
+        for title, pick, column in MEASURES:
+            if column not in table or table[column].isna().all():
+                continue
+            picked = pick(table[table["run_id"].isin(runs)])
+            row[title] = Interval.of(picked[column].tolist()) if len(picked) else Interval.of([])
+        rows.append(row)
+    cells = pd.DataFrame(rows)
+    empty = [c for c in cells.columns if all(isinstance(v, Interval) and v.n == 0 for v in cells[c])]
+    return cells.drop(columns=empty)  # e.g. best epoch for runs without a validation split
+
+
+def to_markdown(cells: pd.DataFrame) -> str:
+    def text(column, value):
+        if isinstance(value, Interval):
+            return value.text()
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:.2f}" if column == "epsilon" else f"{value:g}"
+        return str(value)
+
+    columns = list(cells.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(text(c, row[c]) for c in columns) + " |" for _, row in cells.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(cells: pd.DataFrame) -> str:
+    flat = {}
+    for column in cells.columns:
+        values = cells[column].tolist()
+        if values and isinstance(values[0], Interval):
+            flat[f"{column} mean"] = [v.mean for v in values]
+            flat[f"{column} ci95"] = [v.half_width for v in values]
+        else:
+            flat[column] = values
+    return pd.DataFrame(flat).to_csv(index=False)
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", type=Path, help="a table from experiments.collect")
+    parser.add_argument("--by", nargs="+", default=CELL, help=f"the columns that make a cell (default {CELL})")
+    parser.add_argument("--out", type=Path, help="writes OUT.md and OUT.csv (default: beside the CSV, -table)")
+    args = parser.parse_args(argv)
+    try:
+        if not args.csv.exists():
+            raise UserError(f"{args.csv} does not exist; run python -m experiments.collect first")
+        cells = cell_table(pd.read_csv(args.csv), args.by)
+    except UserError as error:
+        print(f"experiments.table: error: {error}", file=sys.stderr)
+        return 2
+    out = args.out or args.csv.with_name(f"{args.csv.stem}-table")
+    markdown_path, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"
+    markdown = to_markdown(cells)
+    atomic_write_text(markdown_path, markdown)
+    atomic_write_text(csv_path, to_csv(cells))
+    print(markdown, end="")
+    print(f"-> {markdown_path}, {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""experiments.table and the study parts of collect and figures: intervals over seeds, the best epoch picked by
+validation (never by test) accuracy, AutoAttack numbers joined to the runs they evaluated."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from experiments.collect import add_evaluations, public_size, training_name
+from experiments.figures import accuracy_vs_epsilon, accuracy_vs_public_size
+from experiments.table import Interval, best_epoch_rows, cell_table, to_markdown
+from src.errors import UserError
+
+
+def test_interval_is_the_student_t_interval_of_the_mean():
+    values = [90.0, 92.0, 97.0]
+    interval = Interval.of(values)
+    low, high = stats.t.interval(0.95, 2, loc=sum(values) / 3, scale=stats.sem(values))
+    assert interval.bounds() == pytest.approx((low, high))
+    assert interval.n == 3 and interval.text() == f"93.00 ± {(high - low) / 2:.2f}"
+    assert math.isnan(Interval.of([95.0]).half_width) and Interval.of([95.0]).text() == "95.00"
+    assert Interval.of([None, float("nan")]).n == 0
+
+
+def _runs(epochs=3, seeds=(0, 1, 2)):
+    """A collected table: two cells, three seeds, val accuracy peaking at epoch 2 while test peaks at epoch 3."""
+    rows = []
+    for norm, shift in (("group", 0.0), ("bn-public", 1.0)):
+        for seed in seeds:
+            for epoch in range(1, epochs + 1):
+                rows.append({"run_id": f"{norm}-{seed}", "norm": norm, "noise_multiplier": 5.0,
+                             "training": "clean", "seed": seed, "lr": 0.125, "epoch": epoch,
+                             "epsilon": 0.1 * epoch, "val_acc": 80 + shift + (10 if epoch == 2 else 0),
+                             "test_acc": 70 + shift + seed + 5 * epoch, "robust_acc": 10.0 + seed,
+                             "autoattack_acc": 8.0 + seed if epoch == epochs else None, "public_size": None})
+    return pd.DataFrame(rows)
+
+
+def test_cell_table_reports_final_and_validation_picked_best_epoch():
+    table = _runs()
+    best = best_epoch_rows(table)
+    assert set(best["epoch"]) == {2}, "the best epoch is chosen by validation accuracy"
+    cells = cell_table(table, ["norm", "noise_multiplier", "training"])
+    group = cells[cells["norm"] == "group"].iloc[0]
+    assert group["seeds"] == 3 and group["epsilon"] == pytest.approx(0.3)
+    assert group["test acc, final"].mean == pytest.approx(70 + 1 + 15)  # seeds 0, 1, 2: mean offset 1
+    assert group["test acc, best epoch"].mean == pytest.approx(70 + 1 + 10)
+    assert group["robust acc (AutoAttack), final"].mean == pytest.approx(9.0)
+    markdown = to_markdown(cells)
+    assert markdown.count("\n") == 2 + 2 and "86.00 ± " in markdown
+    with pytest.raises(UserError, match="no column"):
+        cell_table(table, ["norm", "public_size_x"])
+
+
+def test_training_names_and_public_size():
+    assert training_name({"robust": False, "attack": "pgd"}) == "clean"
+    assert training_name({"robust": True, "attack": "fgsm-rs", "pgd_steps": 40}) == "fgsm-rs"
+    assert training_name({"robust": True, "attack": "pgd", "pgd_steps": 3}) == "pgd-3"
+    assert public_size({"public_data": "KMNIST (first 105 of 105)"}) == 105
+    assert public_size({"public_data": None}) is None
+
+
+def _eval_run(folder, name, source, acc, status="finished"):
+    run = folder / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"eval_only": str(source)}))
+    (run / "summary.json").write_text(json.dumps({"run_id": name, "status": status, "source_run": str(source),
+                                                  "robust_acc": acc, "eval_attack": {"method": "autoattack"}}))
+
+
+def test_evaluations_land_on_the_last_epoch_of_the_run_they_evaluated(tmp_path):
+    table = _runs().drop(columns=["autoattack_acc"])
+    evaluations = tmp_path / "aa"
+    _eval_run(evaluations, "group-0", tmp_path / "final" / "group-0", 42.0)
+    _eval_run(evaluations, "group-1", tmp_path / "final" / "group-1", 7.0, status="failed")  # not counted
+    joined = add_evaluations(table, evaluations)
+    hits = joined[joined["autoattack_acc"].notna()]
+    assert list(zip(hits["run_id"], hits["epoch"], hits["autoattack_acc"])) == [("group-0", 3, 42.0)]
+    _eval_run(evaluations, "stray", tmp_path / "final" / "other-run", 1.0)
+    with pytest.raises(UserError, match="not a run of this sweep"):
+        add_evaluations(table, evaluations)
+
+
+def test_study_figures_draw_every_training_kind_and_the_public_size_curve(tmp_path):
+    table = pd.concat([_runs(), _runs().assign(training="pgd-3", run_id=lambda t: t["run_id"] + "-pgd")])
+    table["delta"], table["accountant"] = 1e-5, "rdp"
+    paths = accuracy_vs_epsilon(table, "test_acc", tmp_path, "study")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and paths[0].stat().st_size > 5000
+    sizes = _runs(seeds=(0, 1)).query("norm == 'bn-public'")
+    sizes = pd.concat([sizes.assign(public_size=n, run_id=lambda t, n=n: t["run_id"] + f"-{n}") for n in (16, 105)])
+    drawn = accuracy_vs_public_size(sizes, tmp_path, "sizes")
+    assert drawn and drawn[0].stat().st_size > 5000
+    assert accuracy_vs_public_size(sizes[sizes["public_size"] == 16], tmp_path, "one") == []
