@@ -146,6 +146,17 @@ def autoattack_stage(study: Study, final: Stage, out: Path) -> Stage:
     return Stage(f"{study.name}-autoattack", study.dataset, points)
 
 
+def compute_hours(stage_dir: Path) -> float:
+    """Run time summed over a stage's runs (set-aside attempts included; a resumed run counts every part),
+    in hours: the study's compute, whatever --jobs ran at once."""
+    seconds = 0.0
+    for run_dir in sorted(Path(stage_dir).iterdir()) if Path(stage_dir).is_dir() else []:
+        run = RunDirectory(run_dir)
+        if run_dir.is_dir() and run.is_run():
+            seconds += run.read_summary().wall_seconds or 0.0
+    return seconds / 3600
+
+
 def run_study(study: Study, *, out: Path, jobs: int, wandb_mode: str = "offline") -> dict:
     report = {"tune": run_sweep(tune_stage(study), out=out, jobs=jobs, extra=[], wandb_mode=wandb_mode)}
     if report["tune"]["stopped_by"]:
@@ -214,7 +225,7 @@ def main(argv=None) -> int:
     for stage, summary in report.items():
         print(f"{stage}: {summary['runs']} runs, {summary['skipped']} already done, {summary['finished']} finished "
               f"now, {summary['failed']} failed, {summary['resumed']} resumed, {summary['stopped']} stopped or not "
-              f"started; {summary['directory']}")
+              f"started; {summary['directory']}; {compute_hours(summary['directory']):.2f} run-hours so far")
     stopped = next((s["stopped_by"] for s in report.values() if s["stopped_by"]), "")
     if stopped:
         print(f"stopped by {stopped}: the next call continues")

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from experiments.study import load_study, main
+from experiments.study import compute_hours, load_study, main
 from src.errors import UserError
 
 STUDY = """name: tiny-study
@@ -36,7 +36,7 @@ fixed:
 """
 
 
-def test_study_tunes_on_validation_then_runs_seeds_then_autoattack(tiny_root, tmp_path):
+def test_study_tunes_on_validation_then_runs_seeds_then_autoattack(tiny_root, tmp_path, capsys):
     path = tmp_path / "study.yaml"
     path.write_text(STUDY.format(root=tiny_root))
     out = tmp_path / "runs"
@@ -64,8 +64,13 @@ def test_study_tunes_on_validation_then_runs_seeds_then_autoattack(tiny_root, tm
         attacked = json.loads((out / "tiny-study-autoattack" / run.name / "summary.json").read_text())
         assert attacked["eval_attack"]["method"] == "autoattack" and attacked["status"] == "finished"
         assert attacked["eval_robust_size"] == 12
-    # A second call does nothing new: every stage is done.
+    # A second call does nothing new: every stage is done; the compute spent is reported per stage.
+    capsys.readouterr()
     assert main([str(path), "--out", str(out), "--wandb", "disabled"]) == 0
+    hours = {s: compute_hours(out / f"tiny-study-{s}") for s in ("tune", "final", "autoattack")}
+    assert all(h > 0 for h in hours.values())
+    printed = capsys.readouterr().out
+    assert "final: 3 runs, 3 already done, 0 finished now" in printed and "run-hours so far" in printed
 
     # The report: one CSV with AutoAttack on each run's last row, then the per-cell table.
     from experiments import collect, table
