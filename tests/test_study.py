@@ -96,10 +96,15 @@ def test_a_study_without_validation_split_is_refused(tmp_path):
         load_study(path)
 
 
+def choices_for(study):
+    from experiments.sweep import _run_id
+    return {_run_id(cell): {"lr": 0.5} for cell in study.cell_values()}
+
+
 def test_the_shipped_study_files_load():
     """The normalization study v2 and its public-set-size companion parse, with the cells the issue asks for."""
     from experiments.study import final_stage, tune_stage
-    from experiments.sweep import _run_id, load_sweep
+    from experiments.sweep import load_sweep
     from tests.conftest import REPO
 
     study = load_study(REPO / "experiments" / "sweeps" / "mnist_study_v2.yaml")
@@ -107,7 +112,9 @@ def test_the_shipped_study_files_load():
     assert study.fixed["val-size"] > 0 and study.seeds == [0, 1, 2]
     tuned_cells = 4 * 3 * 2  # the pgd-3 cells borrow the fgsm-rs choice
     assert len(tune_stage(study).points()) == tuned_cells * len(study.tune["lr"])
-    choices = {_run_id(cell): {"lr": 0.5} for cell in study.cell_values()}
-    assert len(final_stage(study, choices).points()) == 4 * 3 * 3 * 3
+    assert len(final_stage(study, choices_for(study)).points()) == 4 * 3 * 3 * 3
     sizes = load_sweep(REPO / "experiments" / "sweeps" / "mnist_public_size.yaml")
     assert sorted({p.values["public-size"] for p in sizes.points()}) == [16, 32, 64, 105]
+    cifar = load_study(REPO / "experiments" / "sweeps" / "cifar10_study_v2.yaml")
+    assert cifar.dataset == "cifar10" and set(cifar.cells["norm"]) == {"none", "group", "bn-public"}
+    assert len(tune_stage(cifar).points()) + len(final_stage(cifar, choices_for(cifar)).points()) == 135
