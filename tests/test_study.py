@@ -115,6 +115,8 @@ def test_the_shipped_study_files_load():
     assert len(final_stage(study, choices_for(study)).points()) == 4 * 3 * 3 * 3
     sizes = load_sweep(REPO / "experiments" / "sweeps" / "mnist_public_size.yaml")
     assert sorted({p.values["public-size"] for p in sizes.points()}) == [16, 32, 64, 105]
+    # MNIST's public set is the KMNIST file the data installer lays out (no download here): both files name it.
+    assert study.fixed["public-data"] == sizes.fixed["public-data"] == "data/KMNIST/kmnist_partial.npz"
     cifar = load_study(REPO / "experiments" / "sweeps" / "cifar10_study_v2.yaml")
     assert cifar.dataset == "cifar10" and set(cifar.cells["norm"]) == {"none", "group", "bn-public"}
     assert len(tune_stage(cifar).points()) + len(final_stage(cifar, choices_for(cifar)).points()) == 135
