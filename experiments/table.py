@@ -82,11 +82,20 @@ MEASURES = [  # (column title, rows, column)
 ]
 
 
+def finished_only(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of finished runs: a run still going (or stopped) would enter with a last epoch that is not the
+    plan's last, and a cell would mix accuracies after different amounts of training."""
+    return table[table["status"] == "finished"] if "status" in table else table
+
+
 def cell_table(table: pd.DataFrame, by: List[str]) -> pd.DataFrame:
-    """One row per cell: seeds, epsilon at the end, and every measure the runs have as an Interval."""
+    """One row per cell: seeds, epsilon at the end, and every measure the finished runs have as an Interval."""
     missing = [c for c in by if c not in table]
     if missing:
         raise UserError(f"the table has no column {', '.join(missing)}")
+    table = finished_only(table)
+    if table.empty:
+        raise UserError("no finished run in the table")
     finals = final_rows(table)
     rows = []
     for key, cell in finals.groupby(by, sort=True, dropna=False):
@@ -142,7 +151,8 @@ def main(argv: Optional[list] = None) -> int:
     try:
         if not args.csv.exists():
             raise UserError(f"{args.csv} does not exist; run python -m experiments.collect first")
-        cells = cell_table(pd.read_csv(args.csv), args.by)
+        table = pd.read_csv(args.csv)
+        cells = cell_table(table, args.by)
     except UserError as error:
         print(f"experiments.table: error: {error}", file=sys.stderr)
         return 2
@@ -152,7 +162,8 @@ def main(argv: Optional[list] = None) -> int:
     atomic_write_text(markdown_path, markdown)
     atomic_write_text(csv_path, to_csv(cells))
     print(markdown, end="")
-    print(f"-> {markdown_path}, {csv_path}")
+    unfinished = table.loc[table["status"] != "finished", "run_id"].nunique() if "status" in table else 0
+    print(f"-> {markdown_path}, {csv_path}" + (f" ({unfinished} unfinished runs left out)" if unfinished else ""))
     return 0
 
 

@@ -53,6 +53,11 @@ def test_cell_table_reports_final_and_validation_picked_best_epoch():
     assert markdown.count("\n") == 2 + 2 and "86.00 ± " in markdown
     with pytest.raises(UserError, match="no column"):
         cell_table(table, ["norm", "public_size_x"])
+    # A run still going enters nothing: its last epoch is not the plan's last.
+    going = pd.concat([table.assign(status="finished"),
+                       table[table["epoch"] == 1].assign(run_id="group-9", seed=9, status="running")])
+    cells = cell_table(going, ["norm", "noise_multiplier", "training"])
+    assert cells[cells["norm"] == "group"].iloc[0]["seeds"] == 3
 
 
 def test_training_names_and_public_size():
