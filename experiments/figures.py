@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from experiments.table import final_rows, t_interval  # noqa: E402
+from experiments.table import final_rows, finished_only, t_interval  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.run_directory import RunDirectory  # noqa: E402
 
@@ -62,6 +62,7 @@ def _with_training(table: pd.DataFrame) -> pd.DataFrame:
 def accuracy_vs_epsilon(table: pd.DataFrame, column: str, out: Path, name: str) -> list:
     """One point per epoch: mean over seeds and its Student-t 95% interval as a band; panels by noise multiplier
     (columns) and training (rows), one colour per normalization."""
+    table = finished_only(table)  # a run still going would thin the later epochs' means
     data = _with_training(table[table[column].notna() & table["epsilon"].notna()])
     data = data[data["epsilon"] != float("inf")]
     if data.empty:
@@ -81,6 +82,7 @@ def accuracy_vs_epsilon(table: pd.DataFrame, column: str, out: Path, name: str) 
 
 def accuracy_vs_public_size(table: pd.DataFrame, out: Path, name: str) -> list:
     """bn-public's final test (and robust) accuracy against the number of public images, over seeds."""
+    table = finished_only(table)
     data = final_rows(table[(table["norm"] == "bn-public") & table["public_size"].notna()])
     if data["public_size"].nunique() < 2:
         return []
