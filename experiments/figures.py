@@ -74,8 +74,9 @@ def accuracy_vs_epsilon(table: pd.DataFrame, column: str, out: Path, name: str) 
     ylabel = "test accuracy (%)" if column == "test_acc" else "robust test accuracy (%)"
     grid.set_axis_labels(_privacy_label(data), ylabel)
     grid.set_titles("{row_name} training, noise multiplier {col_name}")
-    seeds = data["seed"].nunique()
-    grid.figure.suptitle(f"{ylabel} vs privacy spent, one point per epoch (mean over {seeds} seed(s), "
+    per_cell = data.groupby(["norm", "noise_multiplier", "training"])["seed"].nunique()
+    seeds = str(per_cell.min()) if per_cell.min() == per_cell.max() else f"{per_cell.min()}-{per_cell.max()}"
+    grid.figure.suptitle(f"{ylabel} vs privacy spent, one point per epoch (mean over {seeds} seed(s) per line, "
                          "band: 95% t-interval)", y=1.02)
     return _save(grid.figure, out, name)
 
