@@ -20,10 +20,11 @@ from src.errors import UserError
 from src.atomic_files import atomic_write_text
 from src.run_directory import RunDirectory
 
-COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "robust", "attack", "training", "pgd_eps",
-           "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train", "public_size", "epoch",
-           "step", "epsilon", "val_loss", "val_acc", "test_loss", "test_acc", "robust_acc", "val_acc_ema",
-           "test_acc_ema", "robust_acc_ema", "seconds", "autoattack_acc"]  # *_ema: the averaged weights of --ema runs
+COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "robust", "attack", "training",
+           "pgd_eps", "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train",
+           "public_size", "epoch", "step", "epsilon", "val_loss", "val_acc", "test_loss", "test_acc", "robust_acc",
+           "val_acc_ema", "test_acc_ema", "robust_acc_ema", "seconds",
+           "autoattack_acc"]  # *_ema: the averaged weights of --ema runs
 # autoattack_acc: from --evaluations, on the last epoch's row only
 # Loss and accuracy on the private training batches are never collected: epsilon does not cover them
 # (runs with --unprotected-train-stats keep them, labelled, in their own metrics.jsonl only).
@@ -90,7 +91,7 @@ def add_evaluations(table: pd.DataFrame, evaluations_dir: Path) -> pd.DataFrame:
     seen = set()
     for run_dir in sorted(evaluations_dir.iterdir()):
         run = RunDirectory(run_dir)
-        if not run_dir.is_dir() or run_dir.name.startswith("_") or not run.is_run():
+        if not run_dir.is_dir() or run_dir.name.startswith("_") or ".attempt-" in run_dir.name or not run.is_run():
             continue
         summary = run.read_summary()
         if not getattr(summary, "source_run", "") or summary.status != "finished":
