@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from experiments.collect import training_name  # noqa: E402
 from experiments.table import final_rows, finished_only, t_interval  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.run_directory import RunDirectory  # noqa: E402
@@ -54,8 +55,8 @@ def _with_training(table: pd.DataFrame) -> pd.DataFrame:
     """The ``training`` column (clean, fgsm-rs, pgd-3, ...); tables collected before it existed derive it."""
     table = table.copy()
     if "training" not in table or table["training"].isna().all():
-        table["training"] = [attack if robust and isinstance(attack, str) else ("robust" if robust else "clean")
-                             for robust, attack in zip(table["robust"], table["attack"])]
+        table["training"] = [training_name({"robust": bool(robust), "attack": attack if isinstance(attack, str)
+                                            else None}) for robust, attack in zip(table["robust"], table["attack"])]
     return table
 
 

@@ -40,12 +40,10 @@ class Interval:
         values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
         if not values:
             return Interval(math.nan, math.nan, 0)
-        n = len(values)
-        mean = sum(values) / n
+        n, mean = len(values), sum(values) / len(values)
         if n == 1:
             return Interval(mean, math.nan, 1)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        return Interval(mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n), n)
+        return Interval(mean, stats.t.ppf(0.975, n - 1) * stats.sem(values), n)
 
     def bounds(self) -> tuple:
         return self.mean - self.half_width, self.mean + self.half_width
