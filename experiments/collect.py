@@ -18,7 +18,7 @@ import pandas as pd
 
 from src.errors import UserError
 from src.atomic_files import atomic_write_text
-from src.run_directory import RunDirectory
+from src.run_directory import RunDirectory, runs_in
 
 COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "robust", "attack", "training",
            "pgd_eps", "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train",
@@ -70,12 +70,8 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     if not sweep_dir.is_dir():
         raise UserError(f"{sweep_dir} is not a sweep folder")
     rows = []
-    for run_dir in sorted(sweep_dir.iterdir()):
-        if not run_dir.is_dir() or run_dir.name.startswith("_") or ".attempt-" in run_dir.name:
-            continue
-        if not RunDirectory(run_dir).is_run():
-            continue
-        rows.extend(run_rows(run_dir, sweep_dir.name))
+    for run in runs_in(sweep_dir):
+        rows.extend(run_rows(run.path, sweep_dir.name))
     if not rows:
         raise UserError(f"no run with a finished epoch in {sweep_dir}")
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -89,11 +85,8 @@ def add_evaluations(table: pd.DataFrame, evaluations_dir: Path) -> pd.DataFrame:
         raise UserError(f"{evaluations_dir} is not a folder of --eval-only runs")
     table = table.copy()
     seen = set()
-    for run_dir in sorted(evaluations_dir.iterdir()):
-        run = RunDirectory(run_dir)
-        if not run_dir.is_dir() or run_dir.name.startswith("_") or ".attempt-" in run_dir.name or not run.is_run():
-            continue
-        summary = run.read_summary()
+    for run in runs_in(evaluations_dir):
+        run_dir, summary = run.path, run.read_summary()
         if not getattr(summary, "source_run", "") or summary.status != "finished":
             continue
         source = Path(summary.source_run).name

@@ -33,7 +33,7 @@ from experiments.sweep import FORBIDDEN, GridPoint, Sweep, _run_id, point_flags
 from src.atomic_files import atomic_write_json
 from src.config import WANDB_MODES
 from src.errors import UserError
-from src.run_directory import RunDirectory
+from src.run_directory import RunDirectory, runs_in
 
 
 @dataclass(frozen=True)
@@ -149,12 +149,7 @@ def autoattack_stage(study: Study, final: Stage, out: Path) -> Stage:
 def compute_hours(stage_dir: Path) -> float:
     """Run time summed over a stage's runs (set-aside attempts included; a resumed run counts every part),
     in hours: the study's compute, whatever --jobs ran at once."""
-    seconds = 0.0
-    for run_dir in sorted(Path(stage_dir).iterdir()) if Path(stage_dir).is_dir() else []:
-        run = RunDirectory(run_dir)
-        if run_dir.is_dir() and run.is_run():
-            seconds += run.read_summary().wall_seconds or 0.0
-    return seconds / 3600
+    return sum(run.read_summary().wall_seconds or 0.0 for run in runs_in(stage_dir, attempts=True)) / 3600
 
 
 def run_study(study: Study, *, out: Path, jobs: int, wandb_mode: str = "offline") -> dict:

@@ -125,3 +125,14 @@ class FollowerRunDirectory(RunDirectory):
 
     def save_model(self, state_dict: dict, averaged: bool = False) -> None:
         pass
+
+
+def runs_in(folder, *, attempts: bool = False) -> list:
+    """The run directories in a sweep's folder, sorted by name: not its ``_logs`` folder or stray files, and not
+    the set-aside ``<run id>.attempt-N`` folders unless ``attempts`` (their run time still counts)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [RunDirectory(path) for path in sorted(folder.iterdir())
+            if path.is_dir() and not path.name.startswith("_") and (attempts or ".attempt-" not in path.name)
+            and RunDirectory(path).is_run()]
