@@ -39,7 +39,10 @@ def training_name(robust: dict) -> str:
 
 
 def public_size(config: dict):
-    """How many public images set the BatchNorm statistics (the data may hold fewer than asked for)."""
+    """How many public images set the BatchNorm statistics (the data may hold fewer than asked for). Runs
+    recorded before the config held the number name it only in the source's text ("first N of M")."""
+    if config.get("public_size") is not None:
+        return int(config["public_size"])
     found = re.search(r"first (\d+)", config.get("public_data") or "")
     return int(found.group(1)) if found else None
 
