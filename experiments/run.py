@@ -28,6 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from experiments.sweep import GridPoint, Sweep, load_sweep, wandb_sweep_spec
+from src.config import WANDB_MODES
 from src.errors import UserError
 from src.run_directory import RunDirectory
 
@@ -150,6 +151,21 @@ def run_sweep(sweep: Sweep, *, out: Path, jobs: int, extra: list, wandb_mode: st
     return summary
 
 
+def _jobs(text: str) -> int:
+    jobs = int(text)
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {jobs}")
+    return jobs
+
+
+def add_runner_arguments(parser: argparse.ArgumentParser, out_help: str, list_help: str) -> None:
+    """The flags the sweep runner and the study runner share, declared once for both."""
+    parser.add_argument("--jobs", type=_jobs, default=1, help="runs at once (each gets cores/jobs threads)")
+    parser.add_argument("--out", type=Path, default=Path("runs"), help=f"{out_help} (default runs)")
+    parser.add_argument("--wandb", choices=WANDB_MODES, default="offline")
+    parser.add_argument("--list", action="store_true", help=list_help)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
@@ -158,15 +174,11 @@ def main(argv=None) -> int:
         argv, extra = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_file")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="folder for the sweep's folder (default runs)")
-    parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline")
+    add_runner_arguments(parser, out_help="folder for the sweep's folder", list_help="list the grid points and their "
+                         "state, run nothing")
     parser.add_argument("--wandb-spec", action="store_true", help="print the wandb sweep spec (YAML) and exit")
-    parser.add_argument("--list", action="store_true", help="list the grid points and their state, run nothing")
     args = parser.parse_args(argv)
     try:
-        if args.jobs < 1:
-            raise UserError(f"--jobs must be at least 1, got {args.jobs}")
         sweep = load_sweep(args.sweep_file)
         if args.wandb_spec:
             print(yaml.safe_dump(wandb_sweep_spec(sweep), sort_keys=False))

@@ -28,10 +28,9 @@ from typing import Any, Dict, List
 
 import yaml
 
-from experiments.run import run_sweep, run_state
+from experiments.run import add_runner_arguments, run_state, run_sweep
 from experiments.sweep import FORBIDDEN, GridPoint, Sweep, _run_id, point_flags
 from src.atomic_files import atomic_write_json
-from src.config import WANDB_MODES
 from src.errors import UserError
 from src.run_directory import RunDirectory, runs_in
 
@@ -199,14 +198,10 @@ def load_study(path) -> Study:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("study_file")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="folder for the stages' folders")
-    parser.add_argument("--wandb", choices=WANDB_MODES, default="offline")
-    parser.add_argument("--list", action="store_true", help="list the tuning runs and their state, run nothing")
+    add_runner_arguments(parser, out_help="folder for the stages' folders",
+                         list_help="list the tuning runs and their state, run nothing")
     args = parser.parse_args(argv)
     try:
-        if args.jobs < 1:
-            raise UserError(f"--jobs must be at least 1, got {args.jobs}")
         study = load_study(args.study_file)
         if args.list:
             stage = tune_stage(study)

@@ -96,6 +96,19 @@ def test_a_study_without_validation_split_is_refused(tmp_path):
         load_study(path)
 
 
+@pytest.mark.parametrize("runner", ["study", "run"])
+def test_both_runners_refuse_zero_jobs_before_listing(runner, capsys):
+    from experiments import run, study
+    from tests.conftest import REPO
+
+    shipped = REPO / "experiments" / "sweeps" / ("mnist_study_v2.yaml" if runner == "study" else "smoke.yaml")
+    main_of = study.main if runner == "study" else run.main
+    assert main_of([str(shipped), "--list", "--out", "no-such-folder"]) == 0
+    with pytest.raises(SystemExit) as refused:
+        main_of([str(shipped), "--jobs", "0", "--list"])
+    assert refused.value.code == 2 and "--jobs: must be at least 1" in capsys.readouterr().err
+
+
 def choices_for(study):
     from experiments.sweep import _run_id
     return {_run_id(cell): {"lr": 0.5} for cell in study.cell_values()}
