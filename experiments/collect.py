@@ -39,10 +39,11 @@ def training_name(robust: dict) -> str:
 
 
 def public_size(config: dict):
-    """How many public images set the BatchNorm statistics (the data may hold fewer than asked for). Runs
-    recorded before the config held the number name it only in the source's text ("first N of M")."""
-    if config.get("public_size") is not None:
-        return int(config["public_size"])
+    """How many public images set the BatchNorm statistics: the run's ``public_images_used`` (the data may hold
+    fewer than ``data.public_size`` asked for). Runs recorded before that key name it only in the source's text
+    ("first N of M")."""
+    if config.get("public_images_used") is not None:
+        return int(config["public_images_used"])
     found = re.search(r"first (\d+)", config.get("public_data") or "")
     return int(found.group(1)) if found else None
 

@@ -133,6 +133,6 @@ def runs_in(folder, *, attempts: bool = False) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return [RunDirectory(path) for path in sorted(folder.iterdir())
-            if path.is_dir() and not path.name.startswith("_") and (attempts or ".attempt-" not in path.name)
-            and RunDirectory(path).is_run()]
+    candidates = [RunDirectory(path) for path in sorted(folder.iterdir())
+                  if path.is_dir() and not path.name.startswith("_") and (attempts or ".attempt-" not in path.name)]
+    return [run for run in candidates if run.is_run()]

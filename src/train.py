@@ -235,7 +235,7 @@ def _begin(prepared: PreparedRun) -> Start:
     run_dir.write_config({**config.to_dict(), "run_id": run_dir.run_id, "git_commit": git_commit(),
                           "plan": plan.to_dict(), "data_notes": data.notes,
                           "public_data": data.public.source if data.public else None,
-                          "public_size": len(data.public.images) if data.public else None,
+                          "public_images_used": len(data.public.images) if data.public else None,
                           "n_test": len(data.test), "device": str(prepared.device),
                           "processes": prepared.ranks.world_size})
     return Start(run_dir=run_dir, summary=_new_summary(config, plan, run_dir))

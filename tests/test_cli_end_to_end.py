@@ -110,7 +110,7 @@ def test_bn_public_run_with_book_keeping(tiny_root, tmp_path):
     assert result.returncode == 0, result.stderr
     config, metrics, summary = read_run(tmp_path / "bn")
     assert summary["status"] == "finished" and summary["engine"] == "bk" and summary["steps"] == 3
-    assert config["public_data"].endswith("public105.npz:x_test (first 64 of 105)") and config["public_size"] == 64
+    assert config["public_data"].endswith("public105.npz:x_test (first 64 of 105)") and config["public_images_used"] == 64
     state = torch.load(tmp_path / "bn" / "model.pt", weights_only=True)
     assert state["features.1.0.refreshed"] and state["features.1.0.public_var"].gt(0).all()
     load_model("mnist", config, tmp_path / "bn")

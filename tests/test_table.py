@@ -66,7 +66,7 @@ def test_training_names_and_public_size():
     assert training_name({"robust": True, "attack": "pgd", "pgd_steps": 3}) == "pgd-3"
     assert public_size({"public_data": "KMNIST (first 105 of 105)"}) == 105
     assert public_size({"public_data": None}) is None
-    assert public_size({"public_data": "KMNIST (first 105 of 105)", "public_size": 64}) == 64
+    assert public_size({"public_data": "KMNIST (first 105 of 105)", "public_images_used": 64}) == 64
 
 
 def _eval_run(folder, name, source, acc, status="finished"):
