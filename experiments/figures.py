@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from experiments.collect import training_name  # noqa: E402
-from experiments.table import final_rows, finished_only, t_interval  # noqa: E402
+from experiments.table import accuracy_band, final_rows, finished_only  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.run_directory import RunDirectory  # noqa: E402
 
@@ -70,7 +70,7 @@ def accuracy_vs_epsilon(table: pd.DataFrame, column: str, out: Path, name: str) 
         return []
     trainings = sorted(data["training"].unique(), key=lambda t: (t != "clean", t))
     grid = sns.relplot(data=data, x="epsilon", y=column, hue="norm", col="noise_multiplier", row="training",
-                       row_order=trainings, kind="line", marker="o", errorbar=t_interval,
+                       row_order=trainings, kind="line", marker="o", errorbar=accuracy_band,
                        facet_kws={"sharex": "col", "sharey": False}, height=2.8, aspect=1.2)
     ylabel = "test accuracy (%)" if column == "test_acc" else "robust test accuracy (%)"
     grid.set_axis_labels(_privacy_label(data), ylabel)
@@ -78,7 +78,7 @@ def accuracy_vs_epsilon(table: pd.DataFrame, column: str, out: Path, name: str) 
     per_cell = data.groupby(["norm", "noise_multiplier", "training"])["seed"].nunique()
     seeds = str(per_cell.min()) if per_cell.min() == per_cell.max() else f"{per_cell.min()}-{per_cell.max()}"
     grid.figure.suptitle(f"{ylabel} vs privacy spent, one point per epoch (mean over {seeds} seed(s) per line, "
-                         "band: 95% t-interval)", y=1.02)
+                         "band: 95% t-interval, cut to 0-100)", y=1.02)
     return _save(grid.figure, out, name)
 
 
@@ -94,12 +94,12 @@ def accuracy_vs_public_size(table: pd.DataFrame, out: Path, name: str) -> list:
     long["measure"] = long["measure"].map({"test_acc": "test accuracy", "robust_acc": "robust accuracy (PGD)"})
     long["public_size"] = long["public_size"].astype(int)
     grid = sns.catplot(data=long, x="public_size", y="accuracy (%)", col="measure", kind="point",
-                       errorbar=t_interval, sharey=False, height=3.2, capsize=0.1)
+                       errorbar=accuracy_band, sharey=False, height=3.2, capsize=0.1)
     grid.set_axis_labels("public images for the BatchNorm statistics", "accuracy after the last epoch (%)")
     grid.set_titles("{col_name}")
     noise = ", ".join(f"{v:g}" for v in sorted(data["noise_multiplier"].dropna().unique()))
     grid.figure.suptitle(f"bn-public, noise multiplier {noise}: mean over {data['seed'].nunique()} seeds, "
-                         "95% t-interval", y=1.04)
+                         "95% t-interval cut to 0-100", y=1.04)
     return _save(grid.figure, out, name)
 
 

@@ -11,7 +11,7 @@ from scipy import stats
 
 from experiments.collect import add_evaluations, public_size, training_name
 from experiments.figures import accuracy_vs_epsilon, accuracy_vs_public_size
-from experiments.table import Interval, best_epoch_rows, cell_table, to_markdown
+from experiments.table import Interval, accuracy_band, best_epoch_rows, cell_table, t_interval, to_markdown
 from src.errors import UserError
 
 
@@ -23,6 +23,14 @@ def test_interval_is_the_student_t_interval_of_the_mean():
     assert interval.n == 3 and interval.text() == f"93.00 ± {(high - low) / 2:.2f}"
     assert math.isnan(Interval.of([95.0]).half_width) and Interval.of([95.0]).text() == "95.00"
     assert Interval.of([None, float("nan")]).n == 0
+
+
+def test_the_figures_band_stays_between_0_and_100_percent_and_is_the_t_interval_inside():
+    spread = [0.0, 5.0, 30.0]  # robust accuracy of three clean-trained seeds: the t-interval reaches below 0
+    assert t_interval(spread)[0] < 0
+    assert accuracy_band(spread) == (0.0, pytest.approx(t_interval(spread)[1]))
+    assert accuracy_band([99.0, 99.9, 100.0])[1] == 100.0
+    assert accuracy_band([90.0, 91.0, 92.0]) == pytest.approx(t_interval([90.0, 91.0, 92.0]))
 
 
 def _runs(epochs=3, seeds=(0, 1, 2)):
