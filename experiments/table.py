@@ -84,6 +84,7 @@ MEASURES = [  # (column title, rows, column)
     ("test acc, final", final_rows, "test_acc"),
     ("test acc, best epoch", best_epoch_rows, "test_acc"),
     ("robust acc (PGD), final", final_rows, "robust_acc"),
+    ("robust acc (PGD), best epoch", best_epoch_rows, "robust_acc"),
     ("robust acc (AutoAttack), final", final_rows, "autoattack_acc"),
 ]
 

@@ -42,7 +42,7 @@ def _runs(epochs=3, seeds=(0, 1, 2)):
                 rows.append({"run_id": f"{norm}-{seed}", "norm": norm, "noise_multiplier": 5.0,
                              "training": "clean", "seed": seed, "lr": 0.125, "epoch": epoch,
                              "epsilon": 0.1 * epoch, "val_acc": 80 + shift + (10 if epoch == 2 else 0),
-                             "test_acc": 70 + shift + seed + 5 * epoch, "robust_acc": 10.0 + seed,
+                             "test_acc": 70 + shift + seed + 5 * epoch, "robust_acc": 10.0 + seed + epoch,
                              "autoattack_acc": 8.0 + seed if epoch == epochs else None, "public_size": None})
     return pd.DataFrame(rows)
 
@@ -56,6 +56,8 @@ def test_cell_table_reports_final_and_validation_picked_best_epoch():
     assert group["seeds"] == 3 and group["epsilon"] == pytest.approx(0.3)
     assert group["test acc, final"].mean == pytest.approx(70 + 1 + 15)  # seeds 0, 1, 2: mean offset 1
     assert group["test acc, best epoch"].mean == pytest.approx(70 + 1 + 10)
+    assert group["robust acc (PGD), final"].mean == pytest.approx(10 + 1 + 3)
+    assert group["robust acc (PGD), best epoch"].mean == pytest.approx(10 + 1 + 2)
     assert group["robust acc (AutoAttack), final"].mean == pytest.approx(9.0)
     markdown = to_markdown(cells)
     assert markdown.count("\n") == 2 + 2 and "86.00 ± " in markdown
