@@ -96,7 +96,9 @@ def finished_only(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def cell_table(table: pd.DataFrame, by: List[str]) -> pd.DataFrame:
-    """One row per cell: seeds, epsilon at the end, and every measure the finished runs have as an Interval."""
+    """One row per cell: seeds, epsilon at the end, and every measure as an Interval over the cell's runs. A measure
+    some run of the cell lacks is left empty ("-"): a mean over the runs that have it would be a different
+    sample (e.g. robust accuracy at the best epoch of clean runs, measured only after the last epoch)."""
     missing = [c for c in by if c not in table]
     if missing:
         raise UserError(f"the table has no column {', '.join(missing)}")
@@ -116,7 +118,8 @@ def cell_table(table: pd.DataFrame, by: List[str]) -> pd.DataFrame:
             if column not in table or table[column].isna().all():
                 continue
             picked = pick(table[table["run_id"].isin(runs)])
-            row[title] = Interval.of(picked[column].tolist()) if len(picked) else Interval.of([])
+            complete = len(picked) == len(runs) and picked[column].notna().all()
+            row[title] = Interval.of(picked[column].tolist() if complete else [])
         rows.append(row)
     cells = pd.DataFrame(rows)
     empty = [c for c in cells.columns if all(isinstance(v, Interval) and v.n == 0 for v in cells[c])]

@@ -61,6 +61,15 @@ def test_cell_table_reports_final_and_validation_picked_best_epoch():
     assert group["robust acc (AutoAttack), final"].mean == pytest.approx(9.0)
     markdown = to_markdown(cells)
     assert markdown.count("\n") == 2 + 2 and "86.00 ± " in markdown
+    # group's robust accuracy measured after the last epoch only (one seed also at epoch 2, its best epoch):
+    # its best-epoch mean would be over one run of three, so it is left empty; bn-public's is complete.
+    sparse = table.assign(robust_acc=[r if n != "group" or e == 3 or (s == 0 and e == 2) else None
+                                      for r, n, e, s in zip(table["robust_acc"], table["norm"], table["epoch"],
+                                                            table["seed"])])
+    cells = cell_table(sparse, ["norm", "noise_multiplier", "training"]).set_index("norm")
+    assert cells.loc["group", "robust acc (PGD), final"].n == 3
+    assert cells.loc["group", "robust acc (PGD), best epoch"].n == 0
+    assert cells.loc["bn-public", "robust acc (PGD), best epoch"].n == 3
     with pytest.raises(UserError, match="no column"):
         cell_table(table, ["norm", "public_size_x"])
     # A run still going enters nothing: its last epoch is not the plan's last.
