@@ -38,14 +38,14 @@ def test_real_mnist(real_root):
     assert abs(mean - 0.1307) < 1e-3
 
 
-def test_real_cifar10_training_set_and_partial_test_set(real_root):
-    """The bundle now holds all five training batches (50000 images) and the first 1000 test images."""
+def test_real_cifar10_complete(real_root):
+    """The bundle holds the complete CIFAR-10: all five training batches and all 10000 test images."""
     loaded = cifar10.load(config("cifar10", real_root), with_public=False)
-    assert len(loaded.train) == 50000 and len(loaded.test) == 1000
+    assert len(loaded.train) == 50000 and len(loaded.test) == 10000
     assert torch.bincount(loaded.train.labels).tolist() == [5000] * 10
+    assert torch.bincount(loaded.test.labels).tolist() == [1000] * 10
     assert loaded.train.labels[:5].tolist() == [6, 9, 9, 4, 1] and loaded.test.labels[:5].tolist() == [3, 8, 8, 0, 6]
-    assert not any("training batches" in n for n in loaded.notes)
-    assert any("1000 of 10000" in n for n in loaded.notes)
+    assert not any("partial CIFAR-10" in n for n in loaded.notes)
 
 
 def test_real_kmnist_partial_file_as_public_data(real_root):
