@@ -201,7 +201,7 @@ def load_public_torchvision(dataset_class, data_config, *, image_shape: tuple, f
         dataset = load_torchvision(dataset_class, data_config.data_root, train=True,
                                    download=data_config.download, folder=folder)
     except DataUnavailable as missing:
-        raise DataUnavailable(f"public data: {missing}; or {alternative}") from None
+        raise DataUnavailable(f"public data: {alternative}; or install {dataset_class.__name__}: {missing}") from None
     images, _ = tensors_from_torchvision(dataset, image_shape)
     size, name = data_config.public_size, dataset_class.__name__
     if size > len(images):

@@ -52,16 +52,41 @@ def _split(root, *, train, download):
     return ImageTensorDataset(*tensors_from_torchvision(dataset, IMAGE_SHAPE))
 
 
-def _public(data_config):
+# The offline bundle (shared/data/install_data.py) lays out only 105 real KMNIST images, as an npz beside where
+# torchvision's full KMNIST would be.
+BUNDLED_KMNIST = "KMNIST/kmnist_partial.npz"
+
+
+def _public(data_config, notes: list):
+    """The public set for bn-public: --public-data; else torchvision's KMNIST; else the offline bundle's 105
+    KMNIST images (all of them when --public-size is left at its default), with a note."""
+    from pathlib import Path
+
     from torchvision import datasets
 
+    from src.config import SETTINGS
     from src.data import load_public_file, load_public_torchvision
+    from src.errors import DataUnavailable
 
     if data_config.public_data:
         return load_public_file(data_config.public_data, IMAGE_SHAPE, data_config.public_size)
-    return load_public_torchvision(datasets.KMNIST, data_config, image_shape=IMAGE_SHAPE, folder="KMNIST/raw",
-                                   alternative="pass --public-data FILE.npz[:KEY] (any uint8 28x28 images, "
-                                               "e.g. KMNIST/kmnist_partial.npz with --public-size 105)")
+    bundled = Path(data_config.data_root) / BUNDLED_KMNIST
+    try:
+        return load_public_torchvision(datasets.KMNIST, data_config, image_shape=IMAGE_SHAPE, folder="KMNIST/raw",
+                                       alternative="pass --public-data FILE.npz[:KEY] (any uint8 28x28 images)")
+    except DataUnavailable:
+        if not bundled.is_file():
+            raise
+    size = data_config.public_size
+    if size == SETTINGS["public_size"].default:  # left at the default: as many as the bundle holds, up to it
+        import numpy as np
+
+        with np.load(bundled) as arrays:
+            size = min(size, len(arrays["x_test"]))
+    public = load_public_file(str(bundled), IMAGE_SHAPE, size)
+    notes.append(f"public data: the full KMNIST is not under {data_config.data_root}; using the offline bundle's "
+                 f"{len(public.images)} KMNIST images ({bundled}) as the public set")
+    return public
 
 
 def load(data_config, with_public: bool):
@@ -70,8 +95,9 @@ def load(data_config, with_public: bool):
     root, download = data_config.data_root, data_config.download
     train, val = split_private(_split(root, train=True, download=download), data_config)
     test = subset_first(_split(root, train=False, download=download), data_config.test_subset, "--test-subset")
-    public = _public(data_config) if with_public else None
-    return LoadedData(train=train, test=test, public=public, notes=[], val=val)
+    notes: list = []
+    public = _public(data_config, notes) if with_public else None
+    return LoadedData(train=train, test=test, public=public, notes=notes, val=val)
 
 
 DATASET = DatasetSpec(

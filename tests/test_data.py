@@ -56,8 +56,31 @@ def test_default_public_sets_come_from_torchvision(tiny_root):
     assert loaded.public.images.shape == (100, 1, 28, 28) and "KMNIST" in loaded.public.source
     with pytest.raises(UserError, match="more than the 140 KMNIST"):
         mnist.load(data_config("mnist", tiny_root, public_size=141), with_public=True)
-    with pytest.raises(DataUnavailable, match="CIFAR100 not found in .*cifar-100-python.*--public-holdout"):
+    # the error leads with what works, then how to install the missing set
+    with pytest.raises(DataUnavailable, match="--public-holdout.*CIFAR100 not found in .*cifar-100-python"):
         cifar10.load(data_config("cifar10", tiny_root), with_public=True)
+
+
+def test_mnist_public_set_falls_back_to_the_bundled_kmnist_images(tiny_root, tmp_path):
+    """Where install_data.py laid out only the bundle's 105 KMNIST images (no torchvision KMNIST), bn-public
+    uses them, says so in a note, and still refuses an explicit --public-size above what the file holds."""
+    import shutil
+
+    from tests.conftest import write_mnist_like
+
+    write_mnist_like(tmp_path, "MNIST", MNIST_TRAIN, MNIST_TEST, seed=1)
+    with pytest.raises(DataUnavailable, match=r"^public data: pass --public-data FILE.npz.*install_data.py"):
+        mnist.load(data_config("mnist", tmp_path), with_public=True)
+    (tmp_path / "KMNIST").mkdir()
+    shutil.copy(tiny_root / "public105.npz", tmp_path / "KMNIST" / "kmnist_partial.npz")
+    loaded = mnist.load(data_config("mnist", tmp_path), with_public=True)  # --public-size left at its default
+    expected = torch.from_numpy(np.load(tiny_root / "public105.npz")["x_test"]).unsqueeze(1)
+    assert torch.equal(loaded.public.images, expected)
+    assert any("offline bundle's 105 KMNIST images" in note for note in loaded.notes)
+    assert len(mnist.load(data_config("mnist", tmp_path, public_size=64), with_public=True).public.images) == 64
+    with pytest.raises(UserError, match="more public images than the 105"):
+        mnist.load(data_config("mnist", tmp_path, public_size=200), with_public=True)
+    assert not mnist.load(data_config("mnist", tiny_root), with_public=True).notes  # the full KMNIST: no note
 
 
 def test_public_file_formats_and_keys(tiny_root, tmp_path):
