@@ -55,7 +55,7 @@ def _dataset_defaults_epilog() -> str:
 
 
 def default_text(setting: Setting, *, per_dataset: str = "") -> Optional[str]:
-    """The default as --help and README say it: the declared one, readable, or each dataset's (spelled out
+    """The default as --help and docs/flags.md say it: the declared one, readable, or each dataset's (spelled out
     unless ``per_dataset`` names where they are listed instead). None: there is no default to state."""
     from src.datasets import DATASETS
 
@@ -160,6 +160,14 @@ def parse_flags(argv=None) -> tuple:
     args = parser.parse_args(argv)
     if args.resume is not None:
         build_resume_parser().parse_args(argv)
+    elif args.dataset is None and args.eval_only is not None:  # the run records its dataset
+        from src.errors import UserError
+        from src.run_directory import RunDirectory
+
+        try:
+            args.dataset = RunDirectory(args.eval_only).trained_dataset()
+        except UserError as error:
+            parser.error(str(error))
     elif args.dataset is None:
         parser.error("the following arguments are required: --dataset")
     if args.eval_only is not None:
@@ -177,8 +185,8 @@ def _table_cell(text: str) -> str:
 
 
 def flag_table() -> str:
-    """README's flag table, generated from the same declarations as --help (a test keeps README in step:
-    ``python -m src.cli`` prints it)."""
+    """The flag table of docs/flags.md, generated from the same declarations as --help (a test keeps the page in
+    step: ``python -m src.cli`` prints the table to paste between its flags markers)."""
     parser = build_parser()
     lines = []
     for group in parser._action_groups:

@@ -87,7 +87,7 @@ PARSERS = {int: _integer, float: _number, str: str}  # argparse types by field t
 class DataConfig:
     dataset: str = setting(choices=_dataset_names, help="mnist: LeNet-5 on 28x28 grey images; cifar10: ResNet-18 "
                                                         "(3x3 stem, no max-pool) on 32x32 colour. Required, "
-                                                        "except with --resume")
+                                                        "except with --resume and --eval-only (the run's own)")
     data_root: str = setting("./data", resumable=True, metavar="DIR", default_text=f"${DATA_ROOT_ENV} or ./data",
                              help="torchvision data folder")
     download: bool = setting(True, help="download missing data sets when the network allows")

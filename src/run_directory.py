@@ -75,6 +75,18 @@ class RunDirectory:
     def read_config(self) -> dict:
         return json.loads((self.path / CONFIG_FILE).read_text())
 
+    def trained_dataset(self) -> str:
+        """The dataset the run trained on, from its config.json (``--eval-only RUN`` needs no ``--dataset``)."""
+        try:
+            dataset = self.read_config().get("data", {}).get("dataset")
+        except FileNotFoundError:
+            raise UserError(f"{self.path} is not a finished run directory: {CONFIG_FILE} is missing") from None
+        except (OSError, ValueError, AttributeError) as error:
+            raise UserError(f"cannot read {self.path / CONFIG_FILE}: {type(error).__name__}: {error}") from None
+        if not dataset:
+            raise UserError(f"{self.path / CONFIG_FILE} does not name the dataset the run trained on")
+        return dataset
+
     def read_summary(self) -> RunSummary:
         return RunSummary.from_dict(json.loads((self.path / SUMMARY_FILE).read_text()))
 

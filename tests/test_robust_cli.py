@@ -44,7 +44,11 @@ def test_clean_run_evaluates_robustness_after_the_last_epoch_then_eval_only(tiny
     _, metrics, summary = read_run(out / "clean")
     assert [m["robust_acc"] is None for m in metrics] == [True, False]
 
-    result = run_cli(*common, "--eval-only", out / "clean", "--pgd-eps", "study", "--eval-pgd-steps", 5,
+    # --eval-only takes the dataset from the run's config.json; naming another one is an error
+    other = run_cli("--dataset", "cifar10", *common[2:], "--eval-only", out / "clean", cwd=tmp_path)
+    assert other.returncode == 2 and "trained on 'mnist', not --dataset cifar10" in other.stderr, other.stderr
+    without_dataset = common[2:]
+    result = run_cli(*without_dataset, "--eval-only", out / "clean", "--pgd-eps", "study", "--eval-pgd-steps", 5,
                      "--eval-pgd-restarts", 2, "--eval-robust-size", 30, "--masking-checks",
                      "--transfer-from", out / "clean", "--run-id", "clean-eval", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -58,6 +62,12 @@ def test_clean_run_evaluates_robustness_after_the_last_epoch_then_eval_only(tiny
     assert {"more_steps", "more_restarts", "transfer", "passed"} <= checks.keys()
     assert not (out / "clean" / "summary.json").read_text() == ""  # the source run is untouched
     assert len(list(out.iterdir())) == 2
+
+
+def test_eval_only_without_dataset_refuses_a_missing_run_in_one_line(tmp_path):
+    result = run_cli("--eval-only", tmp_path / "nope", "--out", tmp_path / "runs", cwd=tmp_path)
+    assert result.returncode == 2 and "not a finished run directory: config.json is missing" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 def test_cifar_robust_run_with_fgsm_rs(tiny_root, tmp_path):
