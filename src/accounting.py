@@ -85,6 +85,22 @@ def bounded_epsilon(accountant: str, history: list, delta: float) -> Optional[fl
     return value if math.isfinite(value) else None
 
 
+def history_until(history: list, steps: int) -> list:
+    """The first ``steps`` steps of an Opacus history [(noise, sample_rate, steps), ...]: what was spent when the
+    released outputs (a finished epoch's model and metrics) were made."""
+    kept, left = [], steps
+    for noise, sample_rate, count in history:
+        if left <= 0:
+            break
+        kept.append((noise, sample_rate, min(count, left)))
+        left -= count
+    return kept
+
+
+def steps_in(history: list) -> int:
+    return sum(count for _, _, count in history)
+
+
 def epsilon_by_accountant(history: list, delta: float) -> dict:
     """Epsilon under every rigorous accountant (rdp, prv); None where one cannot bound it."""
     return {name: bounded_epsilon(name, history, delta) for name in RIGOROUS_ACCOUNTANTS}

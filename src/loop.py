@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
@@ -14,7 +13,6 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 import torch.nn.functional as F
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from tqdm import tqdm
 
 from attacks.adversarial import AdversarialBatches
 from dp_layers.augmult import views_per_example
@@ -24,6 +22,7 @@ from src.augment import AugmentedViews
 from src.data import PublicData
 from src.errors import TrainingStopped
 from src.preemption import Interrupted, StopNow
+from src.progress import RunShape, TrainingProgress
 from src.privacy import Training
 
 if TYPE_CHECKING:
@@ -185,6 +184,7 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
     step (mid-epoch checkpoints). With ``--unprotected-train-stats`` it sums the private batches' loss and
     accuracy. A stop signal (``run.stop``, ``src.preemption``) ends it with ``StoppedAtBoundary`` before the next
     physical batch (in a multi-process run, before the next logical batch: the ranks agree on it then).
+    ``run.progress`` (``src.progress``) is told of every physical batch: the bar and log lines count examples.
     """
     config, training, device = run.config, run.training, run.device
     epoch, first_step, step_limit = spec.epoch, spec.first_step, spec.step_limit
@@ -193,11 +193,12 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
     training.model.train()
     progress = spec.resumed or EpochProgress()
     starts_logical_batch = True
-    bar = tqdm(total=steps_per_epoch, initial=progress.steps, desc=f"epoch {epoch}/{config.train.epochs}", unit="step",
-               leave=False, dynamic_ncols=True, disable=None if run.ranks.is_main else True, file=sys.stderr)
+    shown = run.progress or TrainingProgress(RunShape(epochs=config.train.epochs, examples_per_epoch=1.0),
+                                             enabled=False)
+    examples_per_step = shown.shape.examples_per_epoch / steps_per_epoch
     # torch notes that the first layer's full backward hook sees no input gradient (inputs are data):
     # expected under Opacus's hooks, and only noise in the output.
-    with warnings.catch_warnings(), bar, BatchMemoryManager(
+    with warnings.catch_warnings(), shown.epoch_of(epoch, progress.steps * examples_per_step), BatchMemoryManager(
             data_loader=training.train_loader, max_physical_batch_size=config.train.physical_batch_size,
             optimizer=training.optimizer) as physical_batches, resumed_sampling(
             training.train_loader.batch_sampler, steps_per_epoch - progress.steps, spec.sampling_state) as started:
@@ -222,6 +223,7 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
             except StopNow:
                 raise StoppedAtBoundary(run.stop.reason(f"after step {first_step + boundary.progress.steps} "
                                                         f"(epoch {epoch})"), boundary) from None
+            shown.physical_batch(len(labels))
             if stats is not None:
                 progress.loss_sum += stats.loss_sum
                 progress.correct += stats.correct
@@ -236,10 +238,8 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
                 run.hooks.after_step(training)
                 if run.ema is not None:
                     run.ema.update_parameters(training.base_model)  # the released weights: post-processing
-                bar.update(1)
                 if stats is not None:
-                    bar.set_postfix(loss_unprotected=f"{progress.loss:.3f}",
-                                    acc_unprotected=f"{progress.accuracy:.1f}%", refresh=False)
+                    shown.postfix(loss_unprotected=f"{progress.loss:.3f}", acc_unprotected=f"{progress.accuracy:.1f}%")
                 if after_step is not None:
                     after_step(progress)
                 boundary = _boundary(run, progress)

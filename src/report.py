@@ -21,7 +21,8 @@ def describe(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> str:
     if plan.private:
         how = f"calibrated for epsilon {config.privacy.target_epsilon:g}" if plan.noise_calibrated else "given"
         privacy = (f"noise {plan.noise_multiplier:.4g} ({how}), clip {config.privacy.clip:g}, "
-                   f"{config.privacy.accountant} accountant, delta {plan.delta:g}")
+                   f"{config.privacy.accountant} accountant, delta {plan.delta:g}: "
+                   f"epsilon {plan.epsilon:.4g} after all {plan.steps} steps")
     return (f"run {run_dir.path}: {config.data.dataset}, norm {config.model.norm}, act {config.model.act}, "
             f"engine {config.privacy.engine}; n={plan.n_train}, batch {plan.batch_size} (q={plan.sample_rate:.5f}), "
             f"{plan.epochs} epoch(s) x {plan.steps_per_epoch} steps; {privacy}")
@@ -77,6 +78,9 @@ def accuracy_interval(accuracy: float, n: int) -> list:
 
 
 def report_outcome(summary: TrainingSummary, config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> None:
+    if summary.status == "interrupted":
+        print(stopped_on_request(summary, run_dir), flush=True)
+        return
     if summary.status not in ("finished", "budget-exhausted"):
         return
     by_acc = dict(summary.epsilon_by_accountant or {})
@@ -92,3 +96,16 @@ def report_outcome(summary: TrainingSummary, config: Config, plan: PrivacyPlan, 
     print(f"{summary.status}: test accuracy {summary.test_acc:.2f}%{interval}{robust_text}"
           + (f", epsilon {summary.epsilon:.3f} at delta {plan.delta:g} ({extra})" if plan.private else "")
           + f"{averaged}; {run_dir.path}", flush=True)
+
+
+def stopped_on_request(summary: TrainingSummary, run_dir: RunDirectory) -> str:
+    """A deliberate stop (Ctrl-C, SIGTERM) is not an error: say what happened, what is kept and the command that
+    continues it. ``summary.reason`` is ``src.preemption.StopSignals.reason``'s text."""
+    reason = (summary.reason or "").replace("; continue with --resume", "")
+    released = "no epoch had finished"
+    if summary.epochs:
+        spent = (f" at epsilon {summary.epsilon:.3f}" if summary.epsilon is not None and summary.epsilon != float("inf")
+                 else "")
+        released = f"the model of epoch {summary.epochs}{spent} is saved"
+    return (f"stopped on request ({reason}); checkpointed, {released}; "
+            f"continue with: python vision.py --resume {run_dir.path}")

@@ -71,9 +71,16 @@ class TrainingSummary(RunSummary):
     steps: int = 0  # optimizer steps taken
     val_loss: Optional[float] = None
     val_acc: Optional[float] = None
-    epsilon: Optional[float] = None  # after the steps taken, by --accountant (inf for non-private runs)
+    # The epsilon of the released outputs: the model, metrics and summary of the last finished epoch, made by
+    # its `steps` (by --accountant; inf for non-private runs, None before an epoch finished). The other
+    # accountants' bounds and the GDP approximation are for the same steps, so they agree with it.
+    epsilon: Optional[float] = None
     epsilon_by_accountant: Optional[dict] = None  # rdp and prv
     epsilon_gdp_approximation: Optional[float] = None  # labelled: not a guarantee
+    # The budget spent: every step taken (by --accountant). Above `epsilon` only when a run stopped
+    # mid-epoch (interrupted, diverged): those steps are in the secret checkpoint, which --resume continues.
+    steps_spent: Optional[int] = None
+    epsilon_spent: Optional[float] = None
     unprotected_train_stats: bool = False
     train_loss_unprotected: Optional[float] = None  # only with --unprotected-train-stats: NOT covered by epsilon
     train_acc_unprotected: Optional[float] = None

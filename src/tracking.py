@@ -45,7 +45,8 @@ def recording_outcome(summary):
         summary.status = "finished"
     except TrainingStopped as stop:
         summary.update(status=stop.status, reason=stop.reason)
-        log.error("run stopped: %s", stop.reason)
+        if stop.status != "interrupted":  # a stop on request is no error: the outcome line says how to resume
+            log.error("run stopped: %s", stop.reason)
     except WriteFailed as fault:  # a fault, not a bug: one line, no traceback, the last good files kept
         summary.update(status="failed", reason=str(fault))
         log.error("run failed: %s", fault)

@@ -25,8 +25,8 @@ from src.augment import AugmentedViews
 from src.ema import weight_average
 from src import checkpoint
 from src import datasets as dataset_registry
-from src.accounting import (PrivacyPlan, budget_step_limit, epsilon_after_next_step, epsilon_by_accountant,
-                            epsilon_from_history, gdp_approximation, plan_privacy)
+from src.accounting import (PrivacyPlan, bounded_epsilon, budget_step_limit, epsilon_after_next_step, epsilon_by_accountant,
+                            epsilon_from_history, gdp_approximation, history_until, plan_privacy, steps_in)
 from src.atomic_files import json_safe
 from src.checkpoint import EpochProgress, Position
 from src.config import Config, ModelConfig
@@ -36,6 +36,7 @@ from src.errors import TrainingStopped, UserError
 from src.loop import (EpochSpec, Numerics, StepHooks, StoppedAtBoundary, evaluate, public_refresher,
                       require_finite_weights, train_epoch)
 from src.preemption import Interrupted, StopNow, StopSignals
+from src.progress import RunShape, TrainingProgress
 from src.privacy import Training, attach, check_engine_supports
 from src.report import accuracy_interval, announce, epoch_line, report_outcome
 from src.run_directory import FollowerRunDirectory, RunDirectory
@@ -110,6 +111,7 @@ class PreparedRun:
     numerics: Numerics = Numerics()  # --precision, --channels-last: how a training step computes
     stop: Optional[StopSignals] = None  # SIGTERM / SIGINT while training (src.preemption)
     hooks: StepHooks = StepHooks()  # instruments around each step (the white-box audit's canaries)
+    progress: Optional[TrainingProgress] = None  # the bar, the estimate and the heartbeat (src.progress)
 
 
 @dataclass
@@ -300,8 +302,12 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False,
     if prepared.ranks.is_main:
         announce(config, plan, run_dir, position, session.step_limit)
 
+    session.progress = TrainingProgress(RunShape(
+        epochs=config.train.epochs, device=device.type,
+        examples_per_epoch=plan.expected_batch_size * plan.steps_per_epoch / prepared.ranks.world_size),
+        enabled=prepared.ranks.is_main)
     try:
-        with recording_outcome(summary), StopSignals() as session.stop:
+        with recording_outcome(summary), StopSignals() as session.stop, session.progress.heartbeat():
             _train_epochs(session, start, started)
             if robust.masking_checks or transfer_source is not None:
                 summary.masking_checks = run_masking_checks(training.model, data.test, config, device,
@@ -309,8 +315,7 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False,
                 run_dir.write_summary(summary)
     finally:
         if plan.private:
-            summary.epsilon_by_accountant = epsilon_by_accountant(training.history(), plan.delta)
-            summary.epsilon_gdp_approximation = gdp_approximation(training.history(), plan.delta)
+            _account(summary, config, plan, training.history())
         summary.wall_seconds = start.previous_seconds + time.time() - started
         try:
             run_dir.write_summary(summary)
@@ -320,6 +325,16 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False,
     if prepared.ranks.is_main:
         report_outcome(summary, config, plan, run_dir)
     return summary
+
+
+def _account(summary: TrainingSummary, config: Config, plan: PrivacyPlan, history: list) -> None:
+    """The summary's two epsilons (``src.summary``): of the released outputs (the last finished epoch's steps,
+    under every accountant) and of the budget spent (every step taken, which a resume continues from)."""
+    released = history_until(history, summary.steps)
+    summary.epsilon_by_accountant = epsilon_by_accountant(released, plan.delta) if summary.epochs else None
+    summary.epsilon_gdp_approximation = gdp_approximation(released, plan.delta) if summary.epochs else None
+    summary.steps_spent = steps_in(history)
+    summary.epsilon_spent = bounded_epsilon(config.privacy.accountant, history, plan.delta)
 
 
 def _train_epochs(session: RunSession, start: Start, started: float) -> None:
@@ -359,7 +374,8 @@ def _train_epochs(session: RunSession, start: Start, started: float) -> None:
                                                          or epoch == config.train.epochs or budget_hit)
         trained = checkpoint.rank_streams(session.generators) if session.stop is not None else None
         try:  # a stop signal abandons the evaluation: the resume redoes it from this epoch's trained state
-            with session.stop.abortable() if session.stop is not None else contextlib.nullcontext():
+            with (session.stop.abortable() if session.stop is not None else contextlib.nullcontext(),
+                  session.progress.evaluating(epoch) if session.progress else contextlib.nullcontext()):
                 row = {"epoch": epoch, "step": step,
                        **_evaluate(session, training.model, session.refresh_public, with_robust)}
                 if session.ema is not None:  # the average of the weights, evaluated the same way (post-processing)

@@ -55,6 +55,12 @@ def test_mnist_private_run(tiny_root, tmp_path):
     # Console: one line per epoch with loss, accuracies and epsilon.
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2 and all("eps" in line and "test" in line for line in epoch_lines)
+    # The run line says what the noise will spend; with the output in a file (no terminal) the progress is a
+    # one-line estimate after the first few physical batches (src.progress).
+    run_line = result.stdout.splitlines()[0]
+    assert f"epsilon {plan['epsilon']:.4g} after all {plan['steps']} steps" in run_line
+    estimates = [line for line in result.stderr.splitlines() if line.startswith("estimate: ")]
+    assert len(estimates) == 1 and "img/s on cpu" in estimates[0] and "for 2 epoch(s)" in estimates[0], result.stderr
     # Files written atomically leave no temporaries behind; wandb ran offline inside the run directory.
     assert not list(run_dir.glob(".*.tmp"))
     assert list((run_dir / "wandb").glob("offline-run-*"))

@@ -89,6 +89,19 @@ def test_a_signal_checkpoints_stops_and_the_resume_is_bit_for_bit(name, at, tiny
     assert "--resume" in summary["reason"]
     position = checkpoint.position_of(checkpoint.load(run_dir))
     assert position.step > 0
+    # The two epsilons, named: the released outputs' (the last finished epoch's steps, on which every accountant
+    # agrees) and the budget spent (every step taken, including those after it that only the checkpoint holds).
+    assert summary["steps_spent"] == position.step >= summary["steps"]
+    if summary["epochs"]:
+        assert summary["epsilon_by_accountant"][summary["accountant"]] == pytest.approx(summary["epsilon"], rel=1e-9)
+        assert summary["epsilon_spent"] > summary["epsilon"] if position.step > summary["steps"] else \
+            summary["epsilon_spent"] == pytest.approx(summary["epsilon"], rel=1e-9)
+    else:
+        assert summary["epsilon"] is None and summary["epsilon_by_accountant"] is None and summary["epsilon_spent"] > 0
+    # A stop on request is no error: one line says what happened and the command that continues it.
+    assert "ERROR" not in stopped.stderr
+    assert f"stopped on request ({name} received" in stopped.stdout
+    assert f"continue with: python vision.py --resume {run_dir}" in stopped.stdout
     if str(at).startswith("eval"):  # stopped after the epoch's steps, before its evaluation and release
         assert position.partial is not None and position.partial.steps == 8 and not (run_dir / "model.pt").exists()
 
