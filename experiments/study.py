@@ -15,7 +15,10 @@ per cell and the tuning seed), ``seeds`` and ``fixed`` flags. Three stages, each
 3. ``<name>-autoattack``: ``vision.py --eval-only`` of every final model under AutoAttack, on the same first
    ``eval-robust-size`` test images as its PGD number.
 
-The validation split must be in ``fixed`` (``val-size``): tuning on test images is refused.
+The validation split must be in ``fixed`` (``val-size``): tuning on test images is refused. When every stage is
+done, unless ``--wandb disabled``, ``experiments.dashboard`` collects the final runs (with their AutoAttack
+accuracies) into ``<out>/<name>-final-summary/`` with the figures and the per-cell table, and logs them to the final
+runs' wandb group (a wandb failure is a warning, not a failed study).
 """
 from __future__ import annotations
 
@@ -220,7 +223,13 @@ def main(argv=None) -> int:
     if stopped:
         print(f"stopped by {stopped}: the next call continues")
         return 130
-    return 1 if any(s["failed"] for s in report.values()) else 0
+    failed = any(s["failed"] for s in report.values())
+    if not failed and "final" in report and args.wandb != "disabled":  # every stage done: the study's dashboard
+        from experiments.dashboard import publish_study  # pandas and seaborn, only when drawing
+
+        dashboard = publish_study(study.name, args.out, args.wandb)
+        print(f"dashboard: {', '.join(str(p) for p in dashboard.tables) or 'not written'}; {dashboard.describe()}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
