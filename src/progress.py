@@ -50,6 +50,10 @@ def duration(seconds: float) -> str:
     return f"{days}d{hours:02d}h"
 
 
+def _speed(rate: float) -> str:
+    return f"{rate:.3g}" if rate < 1000 else f"{rate:,.0f}"
+
+
 @dataclass
 class RunShape:
     """What the estimates extrapolate to: the epochs of the run and the examples one epoch draws on this
@@ -65,10 +69,12 @@ class TrainingProgress:
     carries over from epoch to epoch and an estimate is printed once)."""
 
     def __init__(self, shape: RunShape, *, enabled: bool = True, stream: Optional[TextIO] = None,
-                 log_every: float = 60.0, live: Optional[bool] = None, clock: Callable[[], float] = time.monotonic):
+                 out: Optional[TextIO] = None, log_every: float = 60.0, live: Optional[bool] = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.shape = shape
         self.enabled = enabled
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.stderr  # the bar and the log lines, like tqdm's
+        self.out = out or sys.stdout  # the estimate, beside the run line and the epoch lines
         self.log_every = log_every
         # live: a terminal shows tqdm's bar; otherwise (a file, a pipe) log lines every log_every seconds
         self.live = (self.stream.isatty() if hasattr(self.stream, "isatty") else False) if live is None else live
@@ -125,7 +131,7 @@ class TrainingProgress:
                    or (self._timed_seconds > 0 and now - self._run_started >= ESTIMATE_AFTER_SECONDS))
             if not self.estimated and self._timed_seconds > 0 and due:
                 self.estimated = True
-                self._write(self.estimate_line())
+                self._write(self.estimate_line(), self.out)
 
     def postfix(self, **values) -> None:
         """Extra fields on the live bar (``--unprotected-train-stats``' loss and accuracy)."""
@@ -167,7 +173,7 @@ class TrainingProgress:
         """The one-line estimate printed after the first few physical batches, with a note when a CPU run
         would take hours."""
         per_epoch, whole = self.seconds_per_epoch(), self.seconds_per_epoch() * self.shape.epochs
-        line = (f"estimate: {self.rate:.3g} img/s on {self.shape.device}: about {duration(per_epoch)} per epoch, "
+        line = (f"estimate: {_speed(self.rate)} img/s on {self.shape.device}: about {duration(per_epoch)} per epoch, "
                 f"{duration(whole)} for {self.shape.epochs} epoch(s) of training "
                 f"({duration(self.remaining_seconds())} left; evaluations add to it)")
         if self.shape.device == "cpu" and whole > SLOW_RUN_SECONDS:
@@ -181,7 +187,7 @@ class TrainingProgress:
             return f"{self.phase} for {duration(now - self._phase_started)}"
         total = self.shape.examples_per_epoch
         rate = self.rate
-        speed = (f", {rate:.3g} img/s, epoch ETA {duration(max(0.0, total - self.done) / rate)}, "
+        speed = (f", {_speed(rate)} img/s, epoch ETA {duration(max(0.0, total - self.done) / rate)}, "
                  f"run ETA {duration(self.remaining_seconds())}") if rate else ""
         batch = (f", current physical batch running for {duration(now - self._batch_started)}"
                  if self._batch_started is not None and now - self._batch_started >= self.log_every else "")
@@ -196,16 +202,16 @@ class TrainingProgress:
             if self._bar is not None:
                 self._bar.refresh()
             elif not self.live and now - self._last_line >= self.log_every:
-                self._write(self.status_line())
+                self._write(self.status_line(), self.stream)
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, stream: TextIO) -> None:
         if not self.enabled:
             return
         self._last_line = self.clock()
         if self._bar is not None:
-            self._bar.write(text, file=self.stream)
+            self._bar.write(text, file=stream)  # clears the bar, writes, redraws it
         else:
-            print(text, file=self.stream, flush=True)
+            print(text, file=stream, flush=True)
 
     # -- the heartbeat ---------------------------------------------------------------------------------------
 

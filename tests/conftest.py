@@ -15,6 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Under pytest-xdist (README's test command runs the suite with -n auto) each worker, and every process it starts,
+# computes on one thread: workers that each spin two threads on two cores slow each other down many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_threads, "1")
+# glibc hands every large freed block (ResNet-18's activations and per-sample gradients) back to the system and
+# faults its pages in again at the next allocation: most of a tiny CIFAR-10 run's time went to the kernel (sys
+# 87 s of 91 s). A high mmap threshold keeps those blocks in the heap for reuse (that run: 91 s -> 40 s). Set
+# here, before pytest-xdist starts its workers, so they and every process they start inherit it; the engine
+# benchmark's memory probe pins its own allocator settings (benchmarks.timing.FIXED_MALLOC_ENV).
+for _variable, _value in (("MALLOC_MMAP_THRESHOLD_", "4294967296"), ("MALLOC_TRIM_THRESHOLD_", "68719476736")):
+    os.environ.setdefault(_variable, _value)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 if str(REPO) not in sys.path:
@@ -91,3 +104,9 @@ def run_cli(*args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess
     env.update(WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(REPO / "vision.py"), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (stable order otherwise), so that with -n the long ones start early and the short ones
+    fill the gaps, instead of one long test starting last on a worker while the other waits idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -10,6 +10,7 @@ from src.config import build_config
 from src.mnist import DEFAULTS as MNIST_DEFAULTS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])  # gdp may not guard (test_released_outputs)
 @pytest.mark.parametrize("noise,sample_rate,max_epsilon", [(1.0, 0.01, 2.0), (0.8, 0.05, 5.0), (3.0, 0.004, 0.2)])
 def test_budget_steps_are_the_last_step_within_the_budget(accountant, noise, sample_rate, max_epsilon):
@@ -23,6 +24,7 @@ def test_budget_steps_are_the_last_step_within_the_budget(accountant, noise, sam
 
 
 # GDP is an approximation and may not calibrate (test_released_outputs).
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant,target", [(a, t) for a in ("rdp", "prv") for t in (0.5, 1.0, 3.0, 8.0)])
 def test_calibration_never_overshoots_its_target(accountant, target):
     steps, sample_rate = 2350, 1 / 118

@@ -124,6 +124,7 @@ def test_pgd_hurts_far_more_than_random_noise_of_the_same_size(trained):
     assert attacked <= 20 and attacked <= noisy - 70
 
 
+@pytest.mark.slow
 def test_robust_training_raises_robust_accuracy(trained):
     clean_model, (x_train, y_train), (x_test, y_test) = trained
     spec = AttackSpec("pgd", "linf", 0.1, 0.05, 3, 1)
@@ -136,6 +137,7 @@ def test_robust_training_raises_robust_accuracy(trained):
     assert robust_trained >= clean_trained + 50, (clean_trained, robust_trained)
 
 
+@pytest.mark.slow
 def test_masking_checks_pass_on_a_real_model_and_catch_a_masked_one(trained):
     model, _, (x_test, y_test) = trained
     dataset = as_dataset(x_test, y_test)

@@ -54,6 +54,7 @@ def _audit(root, tmp_path, *flags) -> dict:
 @pytest.mark.parametrize("flags", [["--engine", e] for e in ("hooks", "functorch", "ghost", "mixed-ghost", "bk")]
                          + [["--norm", "bn-public"], ["--robust"]],
                          ids=["hooks", "functorch", "ghost", "mixed-ghost", "bk", "bk-bn-public", "bk-robust"])
+@pytest.mark.slow
 def test_real_engines_stay_below_the_accountants_epsilon(flags, audit_root, tmp_path):
     report = _audit(audit_root, tmp_path, *flags)
     assert report["epsilon_lower_bound"] <= report["claimed_epsilon"], report
@@ -68,12 +69,14 @@ def test_real_engines_stay_below_the_accountants_epsilon(flags, audit_root, tmp_
 MEMORISING = ("--optimizer", "adam", "--lr", "0.005", "--batch-size", "25", "--epochs", "40")
 
 
+@pytest.mark.slow
 def test_training_without_clipping_is_caught(audit_root, tmp_path):
     report = _audit(audit_root, tmp_path, *MEMORISING, "--broken", "no-clipping")
     assert report["claimed_epsilon"] == pytest.approx(1.0, abs=0.05)
     assert report["epsilon_lower_bound"] > 1.5 * report["claimed_epsilon"], report
 
 
+@pytest.mark.slow
 def test_the_same_memorising_training_with_clipping_is_not_caught(audit_root, tmp_path):
     """The control for the test above: only the clipping differs, so it is what the audit caught."""
     report = _audit(audit_root, tmp_path, *MEMORISING)
@@ -92,6 +95,7 @@ def _white_box(audit_root, tmp_path, *extra):
     return json.loads(next(out.glob("*/audit.json")).read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["bk", "hooks", "mixed-ghost"])
 def test_white_box_audit_comes_close_to_epsilon_without_passing_it(engine, audit_root, tmp_path):
     """Gradient canaries through each engine's clipping and noise, scored from every noised gradient: the bound

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -57,6 +58,7 @@ def test_autoattack_sees_through_gradient_masking_that_stalls_pgd():
     assert auto < pgd - 40, f"AutoAttack's Square attack should break the masked model ({auto}% vs PGD {pgd}%)"
 
 
+@pytest.mark.slow
 def test_eval_only_with_autoattack_and_masking_checks(tiny_root, tmp_path):
     common = ["--dataset", "mnist", "--data-root", tiny_root, "--wandb", "disabled", "--out", tmp_path]
     trained = run_cli(*common, "--train-subset", 240, "--batch-size", 32, "--epochs", 2, "--noise", 0.5,

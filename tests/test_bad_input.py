@@ -123,6 +123,7 @@ def invoke(argv) -> tuple:
     return code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id,args,expected", BAD_COMMAND_LINES, ids=[c[0] for c in BAD_COMMAND_LINES])
 def test_bad_command_line(case_id, args, expected, tiny_root, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -179,6 +180,7 @@ def test_cuda_without_a_gpu(tiny_root, tmp_path, capsys):
     assert code == 2 and "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_real_process_reports_one_line_and_exit_code_2(tmp_path):
     """The same contract holds for ``python vision.py`` itself, argparse errors included."""
     for args in (["--dataset", "mnist", "--clip", "-1", "--dry-run"], ["--dataset", "svhn"],

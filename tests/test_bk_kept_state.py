@@ -68,6 +68,7 @@ def _kept_numel(book) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("views", [1, 2])
 @pytest.mark.parametrize("dataset,norm,ws", CASES)
 def test_kept_state_changes_no_norm_and_no_other_layer_by_a_bit(dataset, norm, ws, views):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from src.accounting import epsilon_from_history
 from tests.conftest import run_cli
 
@@ -14,6 +16,7 @@ def _tiny(root, out, run_id, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_max_epsilon_stops_before_the_step_that_would_exceed_it(tiny_root, tmp_path):
     full = run_cli(*_tiny(tiny_root, tmp_path, "full"), cwd=tmp_path)
     assert full.returncode == 0, full.stderr
@@ -34,6 +37,7 @@ def test_max_epsilon_stops_before_the_step_that_would_exceed_it(tiny_root, tmp_p
     assert run_cli("--resume", tmp_path / "guarded", cwd=tmp_path).returncode == 2  # nothing left to spend
 
 
+@pytest.mark.slow
 def test_dry_run_shows_the_steps_the_budget_allows(tmp_path):
     result = run_cli("--dataset", "mnist", "--noise", 1, "--max-epsilon", 2, "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -47,6 +47,7 @@ def test_epoch_means_are_the_figures_lines_and_leave_a_measure_some_seed_lacks_e
     assert means.loc[("none", "pgd-3", 3), "line"] == "none, noise 1"
 
 
+@pytest.mark.slow
 def test_the_dashboard_logs_figures_table_and_charts_to_the_group(offline_wandb, capsys):
     csv = offline_wandb / "s-final.csv"
     _study_table().to_csv(csv, index=False)
@@ -134,6 +135,7 @@ def tiny_final_stage(tiny_root, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_runs_released_keys_stay_flat_in_its_files_and_all_have_a_section_in_wandb(tiny_final_stage):
     run_dir = tiny_final_stage / "tiny-final" / "r0"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -91,6 +91,7 @@ def distributed_steps(tmp_path_factory):
     return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 def test_distributed_step_equals_single_process_step_over_the_union(engine, distributed_steps):
     rank0, rank1 = distributed_steps
@@ -126,6 +127,7 @@ def _shard_worker(rank: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_each_rank_samples_its_shard_at_the_global_rate(tmp_path):
     mp.spawn(_shard_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
     batches = [torch.load(tmp_path / f"shard{r}.pt") for r in range(WORLD)]
@@ -179,6 +181,7 @@ sys.exit(vision.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_torchrun_epsilon_resume_and_world_size(tiny_root, tmp_path):
     from src import checkpoint
 

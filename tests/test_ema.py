@@ -44,6 +44,7 @@ def test_ema_zero_turns_off_the_average_cifar10_takes_by_default():
         build_config({"dataset": "cifar10", "ema": 1.0}, DEFAULTS)
 
 
+@pytest.mark.slow
 def test_a_run_with_ema_evaluates_and_saves_both_models(tiny_root, tmp_path):
     result = run_cli("--dataset", "mnist", "--data-root", tiny_root, "--train-subset", 96, "--batch-size", 32,
                      "--epochs", 2, "--noise", 1.0, "--ema", 0.9, "--seed", 0, "--wandb", "disabled",

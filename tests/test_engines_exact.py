@@ -92,6 +92,7 @@ def assert_exact_norms(engines, model, images, labels, label: str, views: int = 
         assert relative <= 1e-6, f"{label}/{engine}: relative error {relative:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", list(MODELS))
 @pytest.mark.parametrize("norm", NORMS)
 def test_per_sample_norms_of_every_engine_are_exact(dataset, norm):
@@ -106,6 +107,7 @@ AUGMULT_ENGINES = [e for e in PRIVATE_ENGINES if e != "ghost"]  # stock Opacus g
 AUGMULT = {"mnist": (2, 3), "cifar10": (2, 2)}  # (examples, views per example)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", list(MODELS))
 @pytest.mark.parametrize("norm", NORMS)
 def test_augmult_norms_of_every_engine_are_exact(dataset, norm):
@@ -123,6 +125,7 @@ def test_augmult_norms_of_every_engine_are_exact(dataset, norm):
     assert_exact_norms(AUGMULT_ENGINES, model, images, labels, f"{dataset}/{norm}", views)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", list(MODELS))
 @pytest.mark.parametrize("norm", ["group", "none", "bn-public"])
 def test_weight_standardized_norms_of_every_engine_are_exact(dataset, norm):

@@ -25,6 +25,7 @@ def experiments(module: str, *args, cwd) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_smoke_sweep_runs_resumes_collects_and_draws(tiny_root, tmp_path):
     out = tmp_path / "runs"
     first = experiments("run", SMOKE, "--jobs", 2, "--out", out, "--wandb", "disabled", "--", "--data-root",

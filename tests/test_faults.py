@@ -150,6 +150,7 @@ def _run_dirs(out: Path) -> dict:
     return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("break_input,expected", BROKEN_INPUTS, ids=[c[0].__name__ for c in BROKEN_INPUTS])
 def test_broken_input_is_refused_in_one_line(break_input, expected, tmp_path, capsys):
     root, extra = break_input(tmp_path)
@@ -280,6 +281,7 @@ def test_infinite_gradients_stop_the_run_before_weights_are_saved(tiny_root, tmp
     assert checkpoint.position_of(checkpoint.load(tmp_path / "inf")).epoch == 1
 
 
+@pytest.mark.slow
 def test_faults_leave_other_run_directories_alone(tiny_root, tmp_path, capsys, monkeypatch):
     """A run that fails on a full disk next to a finished run does not touch the finished one."""
     assert _invoke(_two_epochs(tiny_root, tmp_path, "done")) == 0

@@ -77,6 +77,7 @@ def test_bf16_clipped_contributions_are_bounded_by_C(dataset, keep):
         assert torch.allclose(summed[p].float(), p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_run_end_to_end_and_refused_for_opacus_engines(tiny_root, tmp_path):
     common = ["--dataset", "mnist", "--data-root", tiny_root, "--train-subset", 240, "--batch-size", 32,
               "--physical-batch-size", 16, "--epochs", 2, "--noise", 1.0, "--wandb", "disabled", "--out", tmp_path,

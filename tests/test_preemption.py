@@ -77,6 +77,7 @@ def uninterrupted(tiny_root, tmp_path_factory):
 @pytest.mark.parametrize("name,at", [("SIGTERM", 21), ("SIGINT", 9), ("SIGTERM", 16), ("SIGTERM", "eval-2")],
                          ids=["sigterm-mid-epoch", "sigint-mid-epoch", "sigterm-at-an-epoch-end",
                               "sigterm-during-an-evaluation"])
+@pytest.mark.slow
 def test_a_signal_checkpoints_stops_and_the_resume_is_bit_for_bit(name, at, tiny_root, tmp_path, uninterrupted):
     stopped, signalled_at = _signalled(tmp_path, _flags(tiny_root, tmp_path, "stopped", "--engine", "mixed-ghost",
                                                         "--ema", "0.9"), at, name)
@@ -118,6 +119,7 @@ def test_a_signal_checkpoints_stops_and_the_resume_is_bit_for_bit(name, at, tiny
         assert final[key] == expected[key], key
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once_and_keeps_the_last_checkpoint(tiny_root, tmp_path):
     stopped, _ = _signalled(tmp_path, _flags(tiny_root, tmp_path, "hard", "--checkpoint-every", 3), 21, twice=True)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
@@ -130,6 +132,7 @@ def test_a_second_signal_exits_at_once_and_keeps_the_last_checkpoint(tiny_root, 
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.slow
 def test_sweep_runner_forwards_the_signal_and_resumes_on_the_next_call(tiny_root, tmp_path):
     sweep = tmp_path / "tiny.yaml"
     sweep.write_text("name: tiny\ndataset: mnist\nfixed:\n  data-root: " + str(tiny_root) + "\n  train-subset: 240\n"

@@ -21,8 +21,22 @@ class Clock:
 def _progress(epochs=10, examples=50000.0, device="cpu", **kwargs):
     clock, stream = Clock(), io.StringIO()
     shown = TrainingProgress(RunShape(epochs=epochs, examples_per_epoch=examples, device=device), stream=stream,
-                             clock=clock, live=False, **kwargs)
+                             out=stream, clock=clock, live=False, **kwargs)
     return shown, clock, stream
+
+
+def test_the_estimate_goes_with_the_run_line_and_the_log_lines_with_the_bar():
+    clock, bar_stream, out = Clock(), io.StringIO(), io.StringIO()
+    shown = TrainingProgress(RunShape(epochs=1, examples_per_epoch=1e6), stream=bar_stream, out=out, clock=clock,
+                             live=False, log_every=60.0)
+    with shown.epoch_of(1):
+        for _ in range(ESTIMATE_AFTER_BATCHES + 1):
+            clock.now += 0.01
+            shown.physical_batch(100)
+        clock.now += 61
+        shown.tick()
+    assert out.getvalue().startswith("estimate: 10,000 img/s on cpu") and "estimate" not in bar_stream.getvalue()
+    assert bar_stream.getvalue().startswith("epoch 1/1: 400/1000000 images")
 
 
 def test_durations_read_as_a_person_says_them():
@@ -91,7 +105,8 @@ def test_a_log_file_gets_a_line_at_least_every_minute_even_inside_a_long_batch()
 
 def test_a_terminal_gets_the_live_bar_and_no_log_lines():
     clock, stream = Clock(), io.StringIO()
-    shown = TrainingProgress(RunShape(epochs=1, examples_per_epoch=100.0), stream=stream, clock=clock, live=True)
+    shown = TrainingProgress(RunShape(epochs=1, examples_per_epoch=100.0), stream=stream, out=stream, clock=clock,
+                             live=True)
     with shown.epoch_of(1):
         shown.physical_batch(40)
         clock.now += 120

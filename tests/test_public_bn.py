@@ -46,6 +46,7 @@ def per_sample_outputs(model, images, labels):
     return logits, grads, norms
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", list(MODELS))
 def test_other_private_examples_never_affect_example_i(dataset):
     model, _ = bn_public_model(dataset)

@@ -13,8 +13,9 @@ from src.data import load_public_file
 from src.errors import UserError
 from tests.conftest import SHARED_DATA
 
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "install_data.py").is_file(),
-                                reason="../shared/data is not present on this machine")
+pytestmark = [pytest.mark.skipif(not (SHARED_DATA / "install_data.py").is_file(),
+                                 reason="../shared/data is not present on this machine"),
+              pytest.mark.slow]  # install_data.py lays out the real data sets first
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def config(dataset, root, **flags):
     return build_config({"dataset": dataset, "data_root": str(root), "download": False, **flags}, spec.defaults).data
 
 
+@pytest.mark.slow
 def test_real_mnist(real_root):
     loaded = mnist.load(config("mnist", real_root), with_public=False)
     assert len(loaded.train) == 60000 and len(loaded.test) == 10000

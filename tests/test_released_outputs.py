@@ -40,6 +40,7 @@ def _metrics(run_dir):
 
 # 1. Training-set statistics -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_private_run_releases_no_statistics_of_its_training_batches(tiny_root, tmp_path):
     result = run_cli(*_tiny(tiny_root, tmp_path, "plain", "--train-subset", 200), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -53,6 +54,7 @@ def test_a_private_run_releases_no_statistics_of_its_training_batches(tiny_root,
     assert not TRAINING_SET_KEYS & set(COLUMNS), "experiments.collect must not gather them either"
 
 
+@pytest.mark.slow
 def test_unprotected_training_statistics_only_on_request_and_labelled(tiny_root, tmp_path):
     result = run_cli(*_tiny(tiny_root, tmp_path, "opt-in", "--train-subset", 200, "--unprotected-train-stats"),
                      cwd=tmp_path)
@@ -74,6 +76,7 @@ def _interrupted_run(root, tmp_path, run_id):
     return tmp_path / run_id
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_private_set(tiny_root, tmp_path):
     run_dir = _interrupted_run(tiny_root, tmp_path, "run")
     bigger, same_size = tmp_path / "bigger", tmp_path / "same_size"
@@ -125,6 +128,7 @@ def test_calibration_and_budget_refuse_gdp_and_the_rigorous_ones_hold_under_prv(
 
 # 5. Seeds ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_without_seed_the_noise_and_batches_come_from_the_os_and_stay_in_the_checkpoint(tiny_root, tmp_path):
     outputs = []
     for run_id in ("first", "second"):
@@ -147,6 +151,7 @@ def test_without_seed_the_noise_and_batches_come_from_the_os_and_stay_in_the_che
 
 # 6. Dry run's n ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dry_run_labels_its_n_as_an_assumption(tiny_root, tmp_path):
     result = run_cli("--dataset", "mnist", "--data-root", tiny_root, "--noise", 1, "--dry-run", cwd=tmp_path)
     report = json.loads(result.stdout)
@@ -166,6 +171,7 @@ def test_input_normalization_uses_no_statistic_of_the_private_set(name):
 
 # 8. Validation split ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_val_size_holds_out_the_last_private_images_and_leaves_n(tiny_root, tmp_path):
     spec = get_dataset("mnist")
     config = build_config({"dataset": "mnist", "data_root": str(tiny_root), "noise": 1.0, "val_size": 40,
@@ -200,6 +206,7 @@ sys.exit(vision.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_each_epoch_is_checkpointed_before_its_outputs_are_released(tiny_root, tmp_path):
     args = [str(a) for a in _tiny(tiny_root, tmp_path, "killed", "--train-subset", 200, "--seed", 0)]
     killed = subprocess.run([sys.executable, "-c", KILLED_AT_FIRST_RELEASE.format(repo=str(REPO)), *args],

@@ -52,6 +52,7 @@ def _metrics(run_dir):
     ["--engine", "hooks", "--norm", "bn-public", "--robust", "--attack", "fgsm-rs", "--adv-ratio", "0.5"],
     ["--engine", "mixed-ghost", "--norm", "bn-public", "--augment", "--augmult", "2", "--ema", "0.9"],
 ], ids=["bk", "hooks-bn-public-robust", "mixed-ghost-augmult-ema"])
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(extra, tiny_root, tmp_path):
     reference = run_cli(*_flags(tiny_root, tmp_path, "uninterrupted", extra), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr
@@ -84,6 +85,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(extra, tiny_root
         assert summary[key] == reference_summary[key], key
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_finished_run_and_changed_settings(tiny_root, tmp_path):
     done = run_cli(*_flags(tiny_root, tmp_path, "done", ["--epochs", 1]), cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -13,6 +13,7 @@ TINY = ["--train-subset", 120, "--batch-size", 40, "--physical-batch-size", 20, 
 ROBUST = ["--robust", "--pgd-steps", 2, "--eval-pgd-steps", 3, "--eval-robust-size", 24]
 
 
+@pytest.mark.slow
 def test_robust_dp_run_with_public_batchnorm(tiny_root, tmp_path):
     clean_args = ["--dataset", "mnist", "--data-root", tiny_root, *TINY, "--epochs", 2, "--noise", 1.0,
                   "--engine", "bk", "--norm", "bn-public", "--public-data", tiny_root / "public105.npz",
@@ -35,6 +36,7 @@ def test_robust_dp_run_with_public_batchnorm(tiny_root, tmp_path):
     assert "robust accuracy" in result.stdout
 
 
+@pytest.mark.slow
 def test_clean_run_evaluates_robustness_after_the_last_epoch_then_eval_only(tiny_root, tmp_path):
     out = tmp_path / "runs"
     common = ["--dataset", "mnist", "--data-root", tiny_root, "--out", out, "--wandb", "disabled"]
@@ -64,12 +66,14 @@ def test_clean_run_evaluates_robustness_after_the_last_epoch_then_eval_only(tiny
     assert len(list(out.iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_eval_only_without_dataset_refuses_a_missing_run_in_one_line(tmp_path):
     result = run_cli("--eval-only", tmp_path / "nope", "--out", tmp_path / "runs", cwd=tmp_path)
     assert result.returncode == 2 and "not a finished run directory: config.json is missing" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_cifar_robust_run_with_fgsm_rs(tiny_root, tmp_path):
     result = run_cli("--dataset", "cifar10", "--data-root", tiny_root, "--train-subset", 32, "--batch-size", 16,
                      "--physical-batch-size", 8, "--epochs", 1, "--noise", 1.0, "--robust", "--attack", "fgsm-rs",
@@ -82,6 +86,7 @@ def test_cifar_robust_run_with_fgsm_rs(tiny_root, tmp_path):
     assert summary["adv_ratio"] == 0.5 and summary["robust_acc"] is not None
 
 
+@pytest.mark.slow
 def test_eval_only_refuses_a_missing_run(tiny_root, tmp_path):
     result = run_cli("--dataset", "mnist", "--data-root", tiny_root, "--eval-only", tmp_path / "nope",
                      "--out", tmp_path / "runs", cwd=tmp_path)

@@ -45,6 +45,7 @@ def _run(tiny_root, out, run_id, engine, *extra) -> dict:
     return torch.load(out / run_id / "model.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["bk", "hooks"])
 def test_secure_mode_draws_sampling_and_noise_from_the_csprng(engine, stand_in_csprng, tiny_root, tmp_path,
                                                               monkeypatch):
@@ -65,6 +66,7 @@ def test_secure_mode_draws_sampling_and_noise_from_the_csprng(engine, stand_in_c
     assert json.loads((tmp_path / "a" / "config.json").read_text())["privacy"]["secure_rng"] is True
 
 
+@pytest.mark.slow
 def test_seeded_runs_do_not_use_secure_mode(tiny_root, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(_run(tiny_root, tmp_path, "a", "bk", "--seed", 5).values(),
                                                  _run(tiny_root, tmp_path, "b", "bk", "--seed", 5).values()))

@@ -36,6 +36,7 @@ fixed:
 """
 
 
+@pytest.mark.slow
 def test_study_tunes_on_validation_then_runs_seeds_then_autoattack(tiny_root, tmp_path, capsys):
     path = tmp_path / "study.yaml"
     path.write_text(STUDY.format(root=tiny_root))
