@@ -4,7 +4,7 @@ under PGD and AutoAttack.
     python -m experiments.table experiments/results/mnist-study-v2-final.csv [--by norm noise_multiplier training]
         [--out experiments/results/mnist-study-v2-table]
 
-Writes ``<out>.md`` (a Markdown table for the README) and ``<out>.csv``. "Best epoch" is the epoch with the
+Writes ``<out>.md`` (a Markdown table for the docs) and ``<out>.csv``. "Best epoch" is the epoch with the
 best *validation* accuracy of each run (the test set never picks it); runs without a validation split have no
 best-epoch column. Intervals are Student-t 95% intervals of the mean over seeds (mean +- t * sd / sqrt(n)), the
 honest choice for three seeds: a bootstrap over three values understates the spread.

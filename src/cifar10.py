@@ -21,7 +21,7 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 # (they use 16; the cost is linear in K), an EMA of the weights, logical batches of 4096 and plain SGD at lr 2
 # for about 875 updates (72 epochs at q = 4096/50000), as google-deepmind/jax_privacy's CIFAR-10 WRN-16-4
 # configuration. Taken from the literature, not tuned here: one epoch of this recipe costs about 1.8 hours on the
-# 2-core CPU (README, "CIFAR-10 on this CPU"), so a validation-split tuning needs a GPU.
+# 2-core CPU (docs/results-cifar10.md), so a validation-split tuning needs a GPU.
 DEFAULTS = {
     "epochs": 72,
     "batch_size": 4096,

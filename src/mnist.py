@@ -12,7 +12,7 @@ IMAGE_SHAPE = (1, 28, 28)
 MEAN, STD = (0.5,), (0.5,)
 
 # Chosen on the validation split (the last 5000 training images) at epsilon 3 (delta 1e-5, rdp), never on the
-# test set: experiments/sweeps/mnist_tune.yaml and mnist_tune_long.yaml, README's results. The larger batch
+# test set: experiments/sweeps/mnist_tune.yaml and mnist_tune_long.yaml, docs/results-mnist.md. The larger batch
 # with the weight average (De et al. 2022) reached 98.44% there against 98.36% for the earlier batch 512,
 # lr 0.5, 40 epochs: within one interval (+-0.37), at about the same training time.
 DEFAULTS = {

@@ -251,7 +251,7 @@ def require_secure_rng() -> None:
     """Opacus's secure mode draws sampling and noise from torchcsprng, an optional extra dependency."""
     if importlib.util.find_spec("torchcsprng") is None:
         raise UserError("--secure-rng needs the torchcsprng package (Opacus's secure mode), which is not "
-                        "installed; see README 'Secure RNG'")
+                        "installed; see docs/reliability.md, 'Secure RNG'")
 
 
 def _check_schedule(poisson_loader, plan: PrivacyPlan) -> None:

@@ -3,7 +3,7 @@ text, its default and how it is written on a command line.
 
 Everything else is generated from those fields: ``vision.py``'s parser and ``--help`` (``src.cli``), the
 global defaults the config layer resolves with, the choices ``validate`` checks a reloaded config.json
-against, README's flag table, and the flags ``experiments.audit`` and ``experiments.point`` accept. A
+against, docs/flags.md's flag table, and the flags ``experiments.audit`` and ``experiments.point`` accept. A
 setting whose default depends on the dataset has none here; each dataset module declares it next to the
 dataset (``DEFAULTS`` in ``src/mnist.py``, ``src/cifar10.py``).
 

@@ -22,11 +22,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_threads, "1")
 # glibc hands every large freed block (ResNet-18's activations and per-sample gradients) back to the system and
 # faults its pages in again at the next allocation: most of a tiny CIFAR-10 run's time went to the kernel (sys
-# 87 s of 91 s). A high mmap threshold keeps those blocks in the heap for reuse (that run: 91 s -> 40 s). Set
-# here, before pytest-xdist starts its workers, so they and every process they start inherit it; the engine
-# benchmark's memory probe pins its own allocator settings (benchmarks.timing.FIXED_MALLOC_ENV).
-for _variable, _value in (("MALLOC_MMAP_THRESHOLD_", "4294967296"), ("MALLOC_TRIM_THRESHOLD_", "68719476736")):
-    os.environ.setdefault(_variable, _value)
+# 87 s of 91 s). A high mmap threshold keeps those blocks in the heap for reuse (that run: 91 s -> 40 s). glibc
+# reads it when a process starts, so this reaches only the processes the tests start (vision.py runs, torchrun,
+# the runners), never a test process itself: there test_benchmark_harness measures memory with glibc's defaults.
+# The engine benchmark's memory probe pins its own settings (benchmarks.timing.FIXED_MALLOC_ENV).
+SUBPROCESS_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+
+def pytest_configure(config):
+    """Not in pytest-xdist's controller (its workers would inherit the allocator settings); in a worker or a
+    serial run, whose own allocator has started already, for the processes the tests start."""
+    controller = bool(getattr(config.option, "numprocesses", None)) and not os.environ.get("PYTEST_XDIST_WORKER")
+    if not controller:
+        for variable, value in SUBPROCESS_MALLOC_ENV.items():
+            os.environ.setdefault(variable, value)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -153,9 +153,22 @@ def test_a_runs_released_keys_stay_flat_in_its_files_and_all_have_a_section_in_w
 
 
 def test_the_study_summary_of_real_runs_lands_in_their_group(tiny_final_stage, offline_wandb):
-    done = publish_study("tiny", tiny_final_stage, "offline")
+    """In a fresh process, as experiments.study calls it: a test process that already ran wandb (other tests)
+    was seen to record the summary run without its group."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = ("import json, sys; from pathlib import Path; from experiments.dashboard import publish_study; "
+              "done = publish_study('tiny', Path(sys.argv[1]), 'offline'); "
+              "print(json.dumps([bool(done.logged), done.wandb]))")
+    result = subprocess.run([sys.executable, "-c", script, str(tiny_final_stage)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    logged, wandb_dir = json.loads(result.stdout.strip().splitlines()[-1])
     summary_dir = tiny_final_stage / "tiny-final-summary"
-    assert done.logged and done.wandb.startswith(str(summary_dir / "wandb" / "offline-run-"))
+    assert logged and wandb_dir.startswith(str(summary_dir / "wandb" / "offline-run-"))
     assert (summary_dir / "tiny-final.csv").exists() and (summary_dir / "tiny-final-table.md").exists()
     assert (summary_dir / "images" / "tiny-final_accuracy_vs_epsilon.png").exists()
     (directory,) = offline_runs(summary_dir)
