@@ -196,6 +196,7 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
     shown = run.progress or TrainingProgress(RunShape(epochs=config.train.epochs, examples_per_epoch=1.0),
                                              enabled=False)
     examples_per_step = shown.shape.examples_per_epoch / steps_per_epoch
+    shown_in_step = 0.0  # nominal examples shown for the logical batch in progress
     # torch notes that the first layer's full backward hook sees no input gradient (inputs are data):
     # expected under Opacus's hooks, and only noise in the output.
     with warnings.catch_warnings(), shown.epoch_of(epoch, progress.steps * examples_per_step), BatchMemoryManager(
@@ -223,7 +224,9 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
             except StopNow:
                 raise StoppedAtBoundary(run.stop.reason(f"after step {first_step + boundary.progress.steps} "
                                                         f"(epoch {epoch})"), boundary) from None
-            shown.physical_batch(len(labels))
+            nominal = max(0.0, min(config.train.physical_batch_size, examples_per_step - shown_in_step))
+            shown.physical_batch(nominal)  # never len(labels): a Poisson batch's size is private (src.progress)
+            shown_in_step += nominal
             if stats is not None:
                 progress.loss_sum += stats.loss_sum
                 progress.correct += stats.correct
@@ -235,6 +238,8 @@ def train_epoch(run: PreparedRun, spec: EpochSpec,
                 except TrainingStopped as stop:
                     raise TrainingStopped(stop.status, f"step {step + 1} (epoch {epoch}): {stop.reason}") from None
                 progress.steps += 1
+                shown.at(progress.steps * examples_per_step)
+                shown_in_step = 0.0
                 run.hooks.after_step(training)
                 if run.ema is not None:
                     run.ema.update_parameters(training.base_model)  # the released weights: post-processing

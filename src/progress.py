@@ -7,8 +7,11 @@ optimizer steps sits at 0 for that long. This bar counts examples as each physic
 terminal it is tqdm's live bar; when the output goes to a file (tqdm then hides itself) a log line is written
 at least every ``log_every`` seconds instead, so a log shows that the run is alive and how far it is.
 
-Everything shown is a count of examples the sampler drew and wall time: the Poisson batch sizes it reveals
-are part of the DP mechanism's sampling, which the accountant assumes public (as Opacus's own progress does).
+Nothing shown is the count the sampler drew: a Poisson batch's size is a count over the private set (under
+add/remove adjacency one example changes it), which is why Opacus averages over the *expected* batch size. The
+bar advances by the nominal size of each physical batch, capped at the expected size of its logical batch, and
+snaps to finished steps x expected size at every step. What remains visible is when each physical batch ends,
+a timing side channel like the wall time per epoch that metrics.jsonl already records: epsilon covers neither.
 """
 from __future__ import annotations
 
@@ -114,8 +117,16 @@ class TrainingProgress:
                 self._bar = None
                 self.phase = "between epochs"
 
-    def physical_batch(self, examples: int) -> None:
-        """A physical batch of ``examples`` private examples finished (forward, backward, clipping)."""
+    def at(self, done_examples: float) -> None:
+        """The epoch is ``done_examples`` in (nominal: finished steps x the expected batch size)."""
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(round(done_examples) - self._bar.n)
+            self.done = done_examples
+
+    def physical_batch(self, examples: float) -> None:
+        """A physical batch of ``examples`` (nominal, never the sampled count) finished its forward and backward
+        passes."""
         with self._lock:
             now = self.clock()
             elapsed = now - (self._batch_started if self._batch_started is not None else now)
@@ -126,7 +137,7 @@ class TrainingProgress:
                 self._timed_examples += examples
                 self._timed_seconds += elapsed
             if self._bar is not None:
-                self._bar.update(examples)
+                self._bar.update(round(self.done) - self._bar.n)
             due = (self._batches >= ESTIMATE_AFTER_BATCHES + 1
                    or (self._timed_seconds > 0 and now - self._run_started >= ESTIMATE_AFTER_SECONDS))
             if not self.estimated and self._timed_seconds > 0 and due:

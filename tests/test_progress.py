@@ -123,3 +123,29 @@ def test_a_disabled_progress_prints_nothing():
             shown.physical_batch(10)
             shown.tick()
     assert stream.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_a_training_run_shows_nominal_counts_never_the_sampled_batch_sizes(tiny_root, tmp_path, monkeypatch):
+    """A Poisson batch's size is a count over the private set: the bar advances by the physical batch size
+    capped at the expected batch, whatever sizes the sampler drew."""
+    import src.loop as loop
+    import vision
+    from src.progress import TrainingProgress as Shown
+
+    shown, sampled = [], []
+    real_batch, real_step = Shown.physical_batch, loop._physical_step
+    monkeypatch.setattr(Shown, "physical_batch", lambda self, examples: (shown.append(examples),
+                                                                         real_batch(self, examples))[1])
+    monkeypatch.setattr(loop, "_physical_step", lambda training, images, *a, **k: (sampled.append(len(images)),
+                                                                                   real_step(training, images, *a, **k))[1])
+    code = vision.main(["--dataset", "mnist", "--data-root", str(tiny_root), "--train-subset", "240", "--batch-size",
+                        "32", "--physical-batch-size", "16", "--epochs", "1", "--noise", "1.0", "--eval-robust-size",
+                        "0", "--wandb", "disabled", "--out", str(tmp_path), "--run-id", "run", "--seed", "0"])
+    assert code == 0 and len(shown) == len(sampled) > 0
+    import json
+
+    expected = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]["expected_batch_size"]
+    nominal = {0, 16, expected % 16}  # what the schedule alone gives: full physical batches, then the remainder
+    assert set(sampled) - nominal, "the sampler drew batches of other sizes: the check below could fail"
+    assert set(shown) <= nominal
