@@ -107,11 +107,18 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(*args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python vision.py ARGS`` in a fresh process, as a researcher runs it."""
+def run_cli(*args, cwd: Path, timeout: int = 600, fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
+    """``python vision.py ARGS`` in a process of its own, as a researcher runs it. By default the process is forked
+    from one that has imported the training stack already (tests.cli_process says why); ``fresh_interpreter``
+    starts a new interpreter, for a test of what happens before or during the imports."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_SILENT="true", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(REPO / "vision.py"), *map(str, args)], cwd=cwd, env=env,
+    argv = [str(arg) for arg in args]
+    if not fresh_interpreter:
+        from tests.cli_process import run_vision
+
+        return run_vision(argv, cwd, env, timeout)
+    return subprocess.run([sys.executable, str(REPO / "vision.py"), *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -185,7 +185,7 @@ def test_real_process_reports_one_line_and_exit_code_2(tmp_path):
     """The same contract holds for ``python vision.py`` itself, argparse errors included."""
     for args in (["--dataset", "mnist", "--clip", "-1", "--dry-run"], ["--dataset", "svhn"],
                  ["--dataset", "mnist", "--data-root", tmp_path / "none", "--no-download", "--out", tmp_path / "r"]):
-        result = run_cli(*args, cwd=tmp_path)
+        result = run_cli(*args, cwd=tmp_path, fresh_interpreter=True)
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()

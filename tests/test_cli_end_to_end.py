@@ -73,15 +73,15 @@ def test_mnist_private_run(tiny_root, tmp_path):
 @pytest.mark.slow
 def test_cifar10_private_run_on_a_partial_folder(tiny_root, tmp_path):
     # CIFAR-10's defaults otherwise (augmult 4, EMA, weight standardization); a short robust evaluation
-    args = ["--dataset", "cifar10", "--data-root", tiny_root, "--train-subset", 48, "--batch-size", 24,
-            "--physical-batch-size", 24, "--epochs", 1, "--noise", 1.0, "--engine", "hooks", "--norm", "group",
+    args = ["--dataset", "cifar10", "--data-root", tiny_root, "--train-subset", 16, "--batch-size", 8,
+            "--physical-batch-size", 8, "--epochs", 1, "--noise", 1.0, "--engine", "hooks", "--norm", "group",
             "--eval-robust-size", 8, "--eval-pgd-steps", 2,
             "--out", tmp_path / "runs", "--run-id", "cifar", "--wandb", "disabled"]
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "partial CIFAR-10: using 1 of 5 training batches" in result.stderr
     config, metrics, summary = read_run(tmp_path / "runs" / "cifar")
-    assert summary["status"] == "finished" and summary["n_train"] == 48 and summary["engine"] == "hooks"
+    assert summary["status"] == "finished" and summary["n_train"] == 16 and summary["engine"] == "hooks"
     assert config["n_test"] == CIFAR_TEST and any("partial" in note for note in config["data_notes"])
     assert len(metrics) == 1 and metrics[0]["step"] == summary["steps"] == 2
     model = load_model("cifar10", config, tmp_path / "runs" / "cifar")

@@ -12,7 +12,8 @@ import pytest
 from experiments import dashboard, study
 from experiments.dashboard import epoch_means, publish_study
 from src.tracking import WANDB_KEYS, wandb_key
-from tests.conftest import run_cli
+from tests.cli_process import run_python_c
+from tests.conftest import REPO, run_cli
 from tests.wandb_records import offline_runs, offline_wandb, read_offline_run  # noqa: F401 (a fixture)
 
 
@@ -48,14 +49,17 @@ def test_epoch_means_are_the_figures_lines_and_leave_a_measure_some_seed_lacks_e
 
 
 @pytest.mark.slow
-def test_the_dashboard_logs_figures_table_and_charts_to_the_group(offline_wandb, capsys):
+def test_the_dashboard_logs_figures_table_and_charts_to_the_group(offline_wandb):
+    """``python -m experiments.dashboard``, in a process of its own as a researcher runs it (a test process that
+    had run wandb for other tests was seen to record a summary run without its group)."""
     csv = offline_wandb / "s-final.csv"
     _study_table().to_csv(csv, index=False)
     argv = [str(csv), "--out", str(offline_wandb / "images"), "--runs", str(offline_wandb / "runs"),
             "--wandb", "offline", "--project", "p"]
-    assert dashboard.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "wandb group s-final:" in printed
+    done = run_python_c("import sys; from experiments import dashboard; sys.exit(dashboard.main(sys.argv[1:]))",
+                        argv, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "wandb group s-final:" in done.stdout
     figures = sorted(p.name for p in (offline_wandb / "images").glob("*.png"))
     assert figures == ["s-final_accuracy_vs_epsilon.png", "s-final_robust_accuracy_vs_epsilon.png"]
     cells = pd.read_csv(offline_wandb / "s-final-table.csv")
@@ -155,16 +159,10 @@ def test_a_runs_released_keys_stay_flat_in_its_files_and_all_have_a_section_in_w
 def test_the_study_summary_of_real_runs_lands_in_their_group(tiny_final_stage, offline_wandb):
     """In a fresh process, as experiments.study calls it: a test process that already ran wandb (other tests)
     was seen to record the summary run without its group."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
     script = ("import json, sys; from pathlib import Path; from experiments.dashboard import publish_study; "
               "done = publish_study('tiny', Path(sys.argv[1]), 'offline'); "
               "print(json.dumps([bool(done.logged), done.wandb]))")
-    result = subprocess.run([sys.executable, "-c", script, str(tiny_final_stage)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    result = run_python_c(script, [tiny_final_stage], cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     logged, wandb_dir = json.loads(result.stdout.strip().splitlines()[-1])
     summary_dir = tiny_final_stage / "tiny-final-summary"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from src import checkpoint
+from tests.cli_process import run_python_c
 from tests.conftest import REPO, run_cli
 
 # vision.py in this process, sending itself SIGNAL at the start of its AT-th physical batch, inside it (so the
@@ -59,8 +60,7 @@ def _flags(root, out, run_id, *extra):
 
 def _signalled(tmp_path, args, at: int, name: str = "SIGTERM", twice: bool = False):
     script = SIGNALLED_RUN.format(repo=str(REPO), at=at, signal=name, twice=twice)
-    started = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=600)
+    started = run_python_c(script, args, cwd=tmp_path)
     return started, float((tmp_path / "signalled_at").read_text())
 
 

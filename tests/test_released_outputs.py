@@ -8,8 +8,6 @@ that covers them, and an audit whose sampling rate depended on its coin flips.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from src.accounting import (budget_step_limit, calibrate_noise, epsilon_from_his
 from src.config import build_config
 from src.datasets import DATASETS, get_dataset
 from src.mnist import DEFAULTS as MNIST_DEFAULTS
+from tests.cli_process import run_python_c
 from tests.conftest import MNIST_TRAIN, REPO, run_cli, write_mnist_like
 
 TRAINING_SET_KEYS = {"train_loss", "train_acc"}
@@ -209,8 +208,7 @@ sys.exit(vision.main(sys.argv[1:]))
 @pytest.mark.slow
 def test_each_epoch_is_checkpointed_before_its_outputs_are_released(tiny_root, tmp_path):
     args = [str(a) for a in _tiny(tiny_root, tmp_path, "killed", "--train-subset", 200, "--seed", 0)]
-    killed = subprocess.run([sys.executable, "-c", KILLED_AT_FIRST_RELEASE.format(repo=str(REPO)), *args],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    killed = run_python_c(KILLED_AT_FIRST_RELEASE.format(repo=str(REPO)), args, cwd=tmp_path)
     assert killed.returncode == -9, killed.stderr
     saved = checkpoint.load(tmp_path / "killed")
     assert checkpoint.position_of(saved).epoch == 1, "the epoch must be checkpointed before it is released"

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from src import checkpoint
+from tests.cli_process import run_python_c
 from tests.conftest import REPO, run_cli
 
 # Runs vision.py in this process, but SIGKILLs it at the start of its KILL_AT-th physical batch:
@@ -58,8 +57,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(extra, tiny_root
     assert reference.returncode == 0, reference.stderr
 
     args = [str(a) for a in _flags(tiny_root, tmp_path, "killed", extra)]
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN.format(repo=str(REPO), kill_at=46), *args],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    killed = run_python_c(KILLED_RUN.format(repo=str(REPO), kill_at=46), args, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     killed_dir = tmp_path / "killed"
     assert json.loads((killed_dir / "summary.json").read_text())["status"] == "running"
