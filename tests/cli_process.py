@@ -60,14 +60,17 @@ def _exit_code(value) -> int:
 VISION_MAIN = "import sys, vision\nsys.exit(vision.main(sys.argv[1:]))\n"
 
 
-def _run_script(code: str, argv: list[str], cwd: str, env: dict, out_path: str, err_path: str) -> None:
+def _run_script(code: str, argv: list[str], cwd: str, env: dict, out_path: str, err_path: str,
+                append: bool = False, new_session: bool = False) -> None:
     """In the forked child: become ``python ARGV[0] ARGV[1:]`` running ``code`` in ``cwd`` with ``env``, and exit
-    with its code."""
+    with its code. Output goes to ``out_path`` and ``err_path`` (appended to with ``append``, as to an open log)."""
+    if new_session:
+        os.setsid()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
     for fd, path in ((1, out_path), (2, err_path)):
-        target = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        target = os.open(path, os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC))
         os.dup2(target, fd)
         os.close(target)
     sys.stdout, sys.stderr = _text_stream(1), _text_stream(2)
@@ -117,3 +120,34 @@ def run_vision(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> s
 def run_python_c(code: str, args: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -c CODE ARGS`` with this process's environment."""
     return run_forked([sys.executable, "-c", code, *map(str, args)], code, cwd, None, timeout)
+
+
+class ForkedPopen:
+    """What experiments.run asks of ``subprocess.Popen`` (``poll``, ``wait``, ``send_signal``) for a command
+    ``[python, vision.py, *ARGS]`` whose output goes to an open log file: the same process, forked instead of
+    started afresh. Tests of a study's or a sweep's logic patch it into ``experiments.run``; the runner's own test
+    of signals (tests/test_preemption.py) keeps real processes."""
+
+    def __init__(self, command: list, cwd=None, env=None, stdout=None, stderr=None, start_new_session=False,
+                 **_ignored):
+        assert Path(command[1]) == VISION, f"only vision.py runs fork: {command[:2]}"
+        log = stdout.name  # the runner's open log file; stderr joins it (subprocess.STDOUT)
+        self.args = command
+        self._child = _forkserver().Process(
+            target=_run_script, args=(VISION_MAIN, command[1:], str(cwd or os.getcwd()),
+                                      dict(os.environ if env is None else env), log, log, True, start_new_session))
+        self._child.start()
+        self.pid = self._child.pid
+
+    def poll(self):
+        return self._child.exitcode
+
+    def wait(self, timeout=None):
+        self._child.join(timeout)
+        if self._child.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._child.exitcode
+
+    def send_signal(self, number: int) -> None:
+        if self._child.exitcode is None:
+            os.kill(self.pid, number)

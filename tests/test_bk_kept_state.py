@@ -22,8 +22,8 @@ from tests.test_engines_exact import MODELS, brute_force, build
 CASES = [("mnist", "none", False), ("cifar10", "group", False), ("cifar10", "group", True)]
 
 
-def _batch(dataset: str, views: int, examples: int = 3):
-    _, shape, _ = MODELS[dataset]
+def _batch(dataset: str, views: int):
+    _, shape, examples = MODELS[dataset]
     torch.manual_seed(1)
     images = torch.rand(examples * views, *shape, dtype=torch.float64)
     labels = torch.randint(0, 10, (examples,)).repeat_interleave(views)

@@ -1,28 +1,50 @@
 """Sweeps end to end on tiny data: the runner runs and resumes, collect makes the table, figures draw it."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
+from unittest import mock
 
 import pandas as pd
 import pytest
 import yaml
 
+from experiments import run as sweep_runner
 from experiments.point import parse, to_argv
 from experiments.sweep import load_sweep, point_flags, wandb_sweep_spec
 from src.errors import UserError
+from tests.cli_process import ForkedPopen
 from tests.conftest import REPO
 
 SMOKE = REPO / "experiments" / "sweeps" / "smoke.yaml"
 
 
 def experiments(module: str, *args, cwd) -> subprocess.CompletedProcess:
+    """``python -m experiments.MODULE ARGS``; the sweep runner in this process (``run_here``)."""
+    if module == "run":
+        return run_here(*args)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_SILENT="true", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", f"experiments.{module}", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
+
+
+def run_here(*args) -> subprocess.CompletedProcess:
+    """``python -m experiments.run ARGS`` in this process with its vision.py runs forked (tests.cli_process),
+    instead of each importing torch afresh. The runner as a process of its own, forwarding signals to its runs'
+    processes, is tested in tests/test_preemption.py."""
+    argv = [str(arg) for arg in args]
+    out, err = io.StringIO(), io.StringIO()
+    forked = SimpleNamespace(Popen=ForkedPopen, STDOUT=subprocess.STDOUT)
+    with mock.patch.object(sweep_runner, "subprocess", forked), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        code = sweep_runner.main(argv)
+    return subprocess.CompletedProcess(["python", "-m", "experiments.run", *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.slow

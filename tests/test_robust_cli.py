@@ -75,8 +75,8 @@ def test_eval_only_without_dataset_refuses_a_missing_run_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_cifar_robust_run_with_fgsm_rs(tiny_root, tmp_path):
-    result = run_cli("--dataset", "cifar10", "--data-root", tiny_root, "--train-subset", 32, "--batch-size", 16,
-                     "--physical-batch-size", 8, "--epochs", 1, "--noise", 1.0, "--robust", "--attack", "fgsm-rs",
+    result = run_cli("--dataset", "cifar10", "--data-root", tiny_root, "--train-subset", 16, "--batch-size", 8,
+                     "--physical-batch-size", 4, "--epochs", 1, "--noise", 1.0, "--robust", "--attack", "fgsm-rs",
                      "--adv-ratio", 0.5, "--eval-robust-size", 8, "--eval-pgd-steps", 2, "--test-subset", 16,
                      "--out", tmp_path / "runs", "--run-id", "cifar", "--wandb", "disabled", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -3,12 +3,16 @@ AutoAttack on every final model; resumable like any sweep, and refusing a study 
 from __future__ import annotations
 
 import json
+import subprocess
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
+import experiments.run
 from experiments.study import compute_hours, load_study, main
 from src.errors import UserError
+from tests.cli_process import ForkedPopen
 
 STUDY = """name: tiny-study
 dataset: mnist
@@ -37,7 +41,10 @@ fixed:
 
 
 @pytest.mark.slow
-def test_study_tunes_on_validation_then_runs_seeds_then_autoattack(tiny_root, tmp_path, capsys):
+def test_study_tunes_on_validation_then_runs_seeds_then_autoattack(tiny_root, tmp_path, capsys, monkeypatch):
+    # The study's ten vision.py runs fork from preloaded interpreters (tests.cli_process) instead of each importing
+    # torch afresh; the runner's real processes and their signals are tested in tests/test_preemption.py.
+    monkeypatch.setattr(experiments.run, "subprocess", SimpleNamespace(Popen=ForkedPopen, STDOUT=subprocess.STDOUT))
     path = tmp_path / "study.yaml"
     path.write_text(STUDY.format(root=tiny_root))
     out = tmp_path / "runs"
