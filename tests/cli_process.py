@@ -112,6 +112,15 @@ def run_forked(command: list[str], code: str, cwd: Path, env: dict | None = None
     return subprocess.CompletedProcess(command, child.exitcode, stdout, stderr)
 
 
+def spawn_ranks(function, args: tuple, nprocs: int) -> None:
+    """``torch.multiprocessing.spawn``, but forked from the preloaded forkserver: each rank is a process of its own
+    without a fresh interpreter's imports (spawn's start method starts one per rank)."""
+    import torch.multiprocessing
+
+    _forkserver()  # the server starts with the training stack preloaded, whoever asks first
+    torch.multiprocessing.start_processes(function, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
 def run_vision(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python vision.py ARGS``."""
     return run_forked([sys.executable, str(VISION), *args], VISION_MAIN, cwd, env, timeout)

@@ -18,7 +18,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from src import mnist
 from src.accounting import plan_privacy
@@ -28,6 +27,7 @@ from src.distributed import SINGLE_PROCESS, Ranks, ShardedPoissonLoader
 from src.engines import PRIVATE_ENGINES
 from src.loop import _physical_step
 from src.privacy import attach
+from tests.cli_process import spawn_ranks
 from tests.conftest import REPO, run_cli
 
 WORLD = 2
@@ -87,7 +87,7 @@ def _worker(rank: int, store: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def distributed_steps(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(str(folder / "store"), str(folder)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (str(folder / "store"), str(folder)), WORLD)
     return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -129,7 +129,7 @@ def _shard_worker(rank: int, store: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_each_rank_samples_its_shard_at_the_global_rate(tmp_path):
-    mp.spawn(_shard_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_shard_worker, (str(tmp_path / "store"), str(tmp_path)), WORLD)
     batches = [torch.load(tmp_path / f"shard{r}.pt") for r in range(WORLD)]
     assert all(len(b) == 400 for b in batches), "every rank draws the plan's steps, empty batches included"
     seen = [set(i for batch in b for i in batch) for b in batches]
