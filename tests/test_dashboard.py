@@ -156,6 +156,7 @@ def test_a_runs_released_keys_stay_flat_in_its_files_and_all_have_a_section_in_w
     assert recorded.summary["test_acc"] == json.loads((run_dir / "summary.json").read_text())["test_acc"]
 
 
+@pytest.mark.slow
 def test_the_study_summary_of_real_runs_lands_in_their_group(tiny_final_stage, offline_wandb):
     """In a fresh process, as experiments.study calls it: a test process that already ran wandb (other tests)
     was seen to record the summary run without its group."""
