@@ -23,6 +23,7 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 # configuration. Taken from the literature, not tuned here: one epoch of this recipe costs about 1.8 hours on the
 # 2-core CPU (docs/results-cifar10.md), so a validation-split tuning needs a GPU.
 DEFAULTS = {
+    "model": "resnet18",  # src.models; the settings below are its recipe
     "epochs": 72,
     "batch_size": 4096,
     "physical_batch_size": 128,  # examples; with --augmult 4 that is 512 rows in memory
@@ -46,9 +47,9 @@ DEFAULTS = {
 
 
 def build_model(model_config):
-    from src.models import ResNet18
+    from src.models import build_model
 
-    return ResNet18(norm=model_config.norm, act=model_config.act, mean=MEAN, std=STD, ws=model_config.ws)
+    return build_model(DATASET, model_config)
 
 
 def load(data_config, with_public: bool):
@@ -93,6 +94,8 @@ DATASET = DatasetSpec(
     full_train_size=50000,
     defaults=DEFAULTS,
     build_model=build_model,
+    mean=MEAN,
+    std=STD,
     load=load,
     public_default="the first --public-size CIFAR-100 training images, or with --public-holdout the last "
                    "--public-size CIFAR-10 training images (removed from the private set)",

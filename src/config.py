@@ -15,6 +15,7 @@ from attacks.defaults import ATTACKS, EVAL_ATTACKS, PGD_NORMS, default_alpha
 from dp_layers.norms import NORM_KINDS
 from src.engines import BK_KEEP_POLICIES, ENGINE_NAMES
 from src.errors import UserError
+from src.models import model_defaults, model_names  # the registry: a new family file is a new choice
 from src.settings import section_settings, setting
 
 ENGINES = ENGINE_NAMES  # src.engines: one record per engine
@@ -108,9 +109,16 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    model: Optional[str] = setting(None, choices=model_names, default_text="the dataset's: lenet5 for mnist, "
+                                                                            "resnet18 for cifar10",
+                                   help="the model family (src/models; docs/models.md); a family's own defaults "
+                                        "(batch, learning rate, epochs, clipping) replace the dataset's")
     norm: str = setting("none", choices=NORMS, help="normalization layer after every convolution; bn-public is "
                                             "BatchNorm with statistics from the public set")
     act: str = setting("tanh", choices=ACTIVATIONS, help="activation function")
+    norm_groups: Optional[int] = setting(None, metavar="G", default_text="27 for the scatternet models",
+                                         help="--norm group on the scattering features: the number of groups "
+                                              "(it must divide the 81 or 243 channels)")
     ws: bool = setting(False, help="weight-standardized convolutions (Qiao et al. 2019; with --norm group, the "
                                    "ResNet of De et al. 2022); every engine clips the raw weight's exact "
                                    "per-sample gradient")
@@ -289,7 +297,7 @@ GLOBAL_DEFAULTS: Mapping[str, Any] = {name: s.default for name, s in SETTINGS.it
 
 
 def resolve_settings(flags: Mapping[str, Any], dataset_defaults: Mapping[str, Any]) -> dict:
-    """Flags the user set win; then the dataset's defaults; then the global ones.
+    """Flags the user set win; then the model's defaults (``src.models``); then the dataset's; then the global ones.
 
     The physical batch size, when not given, is capped at the logical one. Privacy is the exception to
     plain layering: ``--noise`` and ``--target-epsilon`` are one choice, so
@@ -298,6 +306,7 @@ def resolve_settings(flags: Mapping[str, Any], dataset_defaults: Mapping[str, An
     settings = dict(GLOBAL_DEFAULTS)
     settings.update(dataset_defaults)
     user = {k: v for k, v in flags.items() if v is not None}
+    settings.update(model_defaults(user.get("dataset", ""), user.get("model") or settings.get("model")))
     if "noise" in user or "target_epsilon" in user or user.get("engine") == "non-private":
         settings["noise"] = None
         settings["target_epsilon"] = None
@@ -363,7 +372,7 @@ def _check_choices(config: Config) -> None:
     for name, declared in SETTINGS.items():
         choices = declared.choices()
         value = getattr(getattr(config, declared.section), name)
-        if choices is not None and name != "dataset":
+        if choices is not None and name != "dataset" and value is not None:  # None: the dataset's own choice
             _require(value in choices, f"unknown {declared.option} {value!r}; choose from {', '.join(choices)}")
 
 

@@ -29,11 +29,15 @@ class DatasetSpec:
     num_classes: int
     full_train_size: int  # size of the complete training set, used when no data is loaded (dry-run)
     defaults: dict
-    build_model: Callable  # (ModelConfig) -> nn.Module
+    build_model: Callable  # (ModelConfig) -> nn.Module: src.models.build_model with this spec
     load: Callable  # (DataConfig, with_public: bool) -> LoadedData
     public_default: str  # one line saying where public data comes from by default
     augmentation: Augmentation  # what --augment does to its training images
     supports_public_holdout: bool = False
+    # Per-channel input scaling inside the model, from public knowledge only (pixels lie in [0, 1]), never from
+    # the private training images; a model family may use its own (src.models).
+    mean: tuple = (0.5,)
+    std: tuple = (0.5,)
 
     def planned_train_size(self, data_config) -> int:
         """n for accounting without loading anything: the complete set, less any public hold-out and

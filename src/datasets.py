@@ -15,7 +15,10 @@ def get_dataset(name: str) -> DatasetSpec:
 
 
 def validate_for_dataset(config, spec: DatasetSpec) -> None:
-    """Checks that depend on which dataset was chosen."""
+    """Checks that depend on which dataset was chosen, its model's among them."""
+    from src.models import check_model
+
+    check_model(config, spec)
     if config.data.public_holdout and not spec.supports_public_holdout:
         raise UserError(f"--public-holdout is not available for {spec.name}: its public set is a different "
                         "dataset; use --public-data FILE.npz to supply one")

@@ -32,8 +32,10 @@ ESTIMATE_AFTER_SECONDS = 120.0
 # A whole run estimated longer than this on a CPU gets a note naming the faster options.
 SLOW_RUN_SECONDS = 2 * 3600.0
 # What makes a slow run fast, in the words of the flags.
-FASTER_OPTIONS = ("--device cuda on a machine with a GPU", "--augmult 1 (each view is a forward and backward pass)",
-                  "fewer --epochs")
+FASTER_OPTIONS = ("--device cuda on a machine with a GPU",
+                  "--model scatternet-linear or scatternet-cnn (fixed scattering features and a small trained head: "
+                  "minutes per epoch on a CPU)",
+                  "--augmult 1 (each view is a forward and backward pass)", "fewer --epochs")
 
 
 def duration(seconds: float) -> str:

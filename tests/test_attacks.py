@@ -16,7 +16,7 @@ from src import cifar10, mnist
 from src.accounting import plan_privacy
 from src.config import ENGINES, ModelConfig, build_config
 from src.data import ImageTensorDataset
-from src.models import LeNet5
+from src.models.lenet import LeNet5
 from src.privacy import attach
 from tests.conftest import class_patterns
 

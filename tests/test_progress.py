@@ -72,6 +72,7 @@ def test_a_run_of_hours_on_a_cpu_names_the_faster_options():
             shown.physical_batch(128)
     text = stream.getvalue()
     assert "for 72 epoch(s)" in text and "note: that is long for a CPU; faster: --device cuda" in text
+    assert "--model scatternet-linear" in text
     gpu, clock, stream = _progress(epochs=72, examples=50000.0, device="cuda")
     with gpu.epoch_of(1):
         for _ in range(ESTIMATE_AFTER_BATCHES + 1):

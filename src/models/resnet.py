@@ -1,7 +1,8 @@
-"""The two architectures of the study, built around one normalization factory (``dp_layers.make_norm``).
+"""ResNet-18 for 32x32 images, the CIFAR-10 model of the study (and of De et al. 2022's recipe with GroupNorm and
+weight standardization).
 
-No in-place operations anywhere: Opacus's backward hooks need the activations they captured intact,
-which is why torchvision's own resnet18 (in-place residual add) fails under them.
+torchvision's own resnet18 does its residual add in place, which breaks Opacus's backward hooks: this one adds
+out of place.
 """
 from __future__ import annotations
 
@@ -12,53 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from dp_layers import make_norm
-from dp_layers.weight_standardization import WSConv2d
-
-ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
-
-
-def conv(*args, ws: bool = False, **kwargs) -> nn.Conv2d:
-    """A convolution, weight-standardized with ``ws`` (``--ws``; Qiao et al. 2019, De et al. 2022)."""
-    return (WSConv2d if ws else nn.Conv2d)(*args, **kwargs)
-
-
-class Standardize(nn.Module):
-    """Per-channel (x - mean) / std inside the model, so inputs and attacks stay in [0, 1] pixel space."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class LeNet5(nn.Module):
-    """LeNet-5 for 28x28 grey images: two 5x5 convolutions with pooling, then 120-84-classes.
-
-    A normalization layer follows each convolution. tanh is the default activation: bounded activations
-    keep gradient norms small and do better under clipping (Papernot et al. 2021).
-    """
-
-    def __init__(self, *, norm: str, act: str, mean: Sequence[float], std: Sequence[float], num_classes: int = 10,
-                 ws: bool = False):
-        super().__init__()
-        activation = ACTIVATIONS[act]
-        self.standardize = Standardize(mean, std)
-        self.features = nn.Sequential(
-            conv(1, 6, kernel_size=5, padding=2, ws=ws), make_norm(norm, 6), activation(), nn.MaxPool2d(2),
-            conv(6, 16, kernel_size=5, ws=ws), make_norm(norm, 16), activation(), nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(16 * 5 * 5, 120), activation(),
-            nn.Linear(120, 84), activation(),
-            nn.Linear(84, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.standardize(x)))
+from src.models.layers import ACTIVATIONS, Standardize, conv
 
 
 class BasicBlock(nn.Module):
@@ -109,3 +64,8 @@ class ResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stages(self.stem(self.standardize(x)))
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def build(spec, model_config) -> ResNet18:
+    return ResNet18(norm=model_config.norm, act=model_config.act, mean=spec.mean, std=spec.std,
+                    num_classes=spec.num_classes, ws=model_config.ws)
