@@ -92,3 +92,10 @@ def test_a_scatternet_run_trains_saves_and_reloads(tiny_root, tmp_path):
     model = spec.build_model(build_config({"dataset": "mnist", **config["model"]}, spec.defaults).model)
     model.load_state_dict(torch.load(tmp_path / "sc" / "model.pt", weights_only=True), strict=True)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_the_scattering_benchmark_measures_both_directions():
+    from benchmarks.scattering import measure
+
+    speeds = measure("mnist", batch=4, repeats=1)
+    assert set(speeds) == {"forward", "forward+backward"} and all(v > 0 for v in speeds.values())
