@@ -52,10 +52,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    """Serialise in memory first, so a failing disk surfaces as an OSError from the file write itself."""
+def atomic_torch_save(path: Path, obj: Any, in_memory: bool = True) -> None:
+    """Serialise in memory first, so a failing disk surfaces as an OSError from the file write itself; a large
+    object (a feature cache) is streamed to the temporary file instead (``in_memory=False``)."""
     import torch  # here, so that reading and writing JSON never needs torch
 
+    if not in_memory:
+        _atomic_write(path, lambda f: torch.save(obj, f))
+        return
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     _atomic_write(path, lambda f: f.write(buffer.getbuffer()))

@@ -1,0 +1,107 @@
+"""Fixed features (the ScatterNet models' scattering) computed once per split and kept under the data root.
+
+Clean training without augmentation sees the same images every epoch, so a fixed transform of them can be
+computed once: an epoch then costs only the trained head. CIFAR-10's training features are 50000 x 243 x 8 x 8
+float32, about 3.1 GB, and take about 4.4 minutes on 2 cores (docs/models.md), so they are cached.
+
+- Where: ``<data-root>/features/``, next to the data they are computed from and never in the checkout (the
+  data root is ignored by git, as is any ``features/`` folder).
+- Keyed by what determines them: the dataset and split, a fingerprint of the images (their bytes and shape, so
+  a subset or another copy of the data is another file) and a description of the transform (its parameters,
+  input scaling, kymatio's version, the dtype).
+- Written atomically (a temporary sibling, fsync, rename), streamed to disk rather than serialized in memory. A
+  file that does not load, or whose key, shape or checksum does not match, is rebuilt with a warning.
+- Computing shows a progress bar with images per second and the time left.
+
+The features are a deterministic function of each image alone, so caching them releases nothing: they are
+the same numbers the model computes from that image on every forward pass.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from src.atomic_files import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+FOLDER = "features"
+FORMAT = 1  # the file layout below; a new one rebuilds every file
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """What a cached file holds: ``transform`` of ``dataset``'s ``split``, whose images have ``fingerprint``."""
+
+    dataset: str
+    split: str
+    fingerprint: str
+    transform: str
+
+    def filename(self) -> str:
+        transform = hashlib.sha256(self.transform.encode()).hexdigest()[:12]
+        return f"{self.dataset}-{self.split}-{self.fingerprint[:16]}-{transform}.pt"
+
+
+def fingerprint(images: torch.Tensor) -> str:
+    """sha256 of the images' shape, dtype and bytes: the same data set, or not."""
+    digest = hashlib.sha256(f"{tuple(images.shape)} {images.dtype}".encode())
+    digest.update(memoryview(images.contiguous().numpy()).cast("B"))
+    return digest.hexdigest()
+
+
+def checksum(features: torch.Tensor) -> str:
+    return hashlib.sha256(memoryview(features.contiguous().numpy()).cast("B")).hexdigest()
+
+
+def cache_path(root: Path, key: FeatureKey) -> Path:
+    return Path(root) / FOLDER / key.filename()
+
+
+def cached_features(images: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor], key: FeatureKey,
+                    root: Path, *, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """``transform`` of every image (uint8 NCHW, scaled to [0, 1] here), from the cache when it holds them,
+    otherwise computed in batches without gradients, saved, and returned."""
+    path = cache_path(root, key)
+    if path.exists():
+        features = _load(path, key, len(images))
+        if features is not None:
+            return features
+    features = _compute(images, transform, key, batch_size, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(path, {"format": FORMAT, "key": asdict(key), "checksum": checksum(features),
+                             "features": features}, in_memory=False)
+    return features
+
+
+def _compute(images, transform, key: FeatureKey, batch_size: int, progress: bool) -> torch.Tensor:
+    parts = []
+    with torch.no_grad(), tqdm(total=len(images), unit="img", desc=f"features {key.dataset} {key.split}",
+                               disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].float().div_(255)
+            parts.append(transform(batch).float())
+            bar.update(len(batch))
+    return torch.cat(parts)
+
+
+def _load(path: Path, key: FeatureKey, count: int):
+    """The cached features, or None (with a warning saying why) when the file cannot be trusted."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        problem = ("another file layout" if saved.get("format") != FORMAT else
+                   "another key" if saved.get("key") != asdict(key) else
+                   f"{len(saved['features'])} rows for {count} images" if len(saved["features"]) != count else
+                   "a checksum mismatch" if checksum(saved["features"]) != saved.get("checksum") else None)
+    except Exception as error:  # truncated, corrupt or foreign: any failure to read means rebuild
+        problem = f"unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    if problem is None:
+        return saved["features"]
+    log.warning("feature cache %s: %s; computing it again", path, problem)
+    return None

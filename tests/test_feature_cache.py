@@ -1,0 +1,97 @@
+"""src.feature_cache: features computed once and found again, keyed by the data and the transform, rebuilt when a
+file is partial or corrupt, written under the data root and never into the checkout."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from src.feature_cache import FOLDER, FeatureKey, cache_path, cached_features, fingerprint
+from tests.conftest import REPO
+
+
+def _images(n: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+class Counting:
+    """A fixed transform that counts the images it sees."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.seen += len(batch)
+        return batch.mean(dim=(2, 3)) * 2
+
+
+def _key(images, transform="double-mean v1", split="train") -> FeatureKey:
+    return FeatureKey(dataset="tiny", split=split, fingerprint=fingerprint(images), transform=transform)
+
+
+def test_features_are_computed_once_then_read_back(tmp_path):
+    images, transform = _images(), Counting()
+    first = cached_features(images, transform, _key(images), tmp_path, batch_size=5, progress=False)
+    assert transform.seen == 12 and torch.allclose(first, images.float().div(255).mean(dim=(2, 3)) * 2)
+    again = cached_features(images, transform, _key(images), tmp_path, batch_size=5, progress=False)
+    assert transform.seen == 12 and torch.equal(again, first)
+    assert [p.name for p in (tmp_path / FOLDER).iterdir()] == [_key(images).filename()]  # no temporaries left
+
+
+def test_other_data_another_split_or_another_transform_is_another_file(tmp_path):
+    images = _images()
+    keys = [_key(images), _key(_images(seed=1)), _key(images[:6]), _key(images, split="test"),
+            _key(images, transform="double-mean v2")]
+    assert len({k.filename() for k in keys}) == len(keys)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong-checksum", "wrong-key"])
+def test_a_partial_or_corrupt_file_is_detected_and_rebuilt(damage, tmp_path, caplog):
+    images, transform = _images(), Counting()
+    expected = cached_features(images, transform, _key(images), tmp_path, progress=False)
+    path = cache_path(tmp_path, _key(images))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"not a torch file")
+    else:
+        saved = torch.load(path, weights_only=True)
+        if damage == "wrong-checksum":
+            saved["features"][0, 0] += 1  # a flipped value that still loads
+        else:
+            saved["key"]["transform"] = "something else"
+        torch.save(saved, path)
+    rebuilt = cached_features(images, transform, _key(images), tmp_path, progress=False)
+    assert transform.seen == 24 and torch.equal(rebuilt, expected)
+    assert "computing it again" in caplog.text
+    assert torch.equal(cached_features(images, transform, _key(images), tmp_path, progress=False), expected)
+    assert transform.seen == 24, "the rebuilt file is good"
+
+
+@pytest.mark.slow
+def test_a_scattering_model_leaves_the_checkouts_tracked_tree_unchanged(tiny_root, tmp_path):
+    """A tiny ScatterNet run with its data root inside the checkout (./data, the default) and its run folder under
+    ./runs: git status --porcelain is the same before and after."""
+    from tests.conftest import run_cli
+
+    def status() -> str:
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout
+
+    if subprocess.run(["git", "rev-parse"], cwd=REPO, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    before = status()
+    data_root_existed = (REPO / "data").exists()
+    data = REPO / "data" / f"test-{tmp_path.name}"
+    try:
+        shutil.copytree(tiny_root, data)
+        result = run_cli("--dataset", "mnist", "--model", "scatternet-linear", "--data-root", data,
+                         "--train-subset", 40, "--batch-size", 20, "--epochs", 1, "--eval-robust-size", 0,
+                         "--out", REPO / "runs" / f"test-{tmp_path.name}", "--wandb", "offline", cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        assert status() == before
+    finally:
+        shutil.rmtree(data if data_root_existed else REPO / "data", ignore_errors=True)
+        shutil.rmtree(REPO / "runs" / f"test-{tmp_path.name}", ignore_errors=True)
