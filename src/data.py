@@ -45,6 +45,10 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def example_shape(self) -> tuple:
+        return tuple(self.images.shape[1:])
+
     def to(self, device: torch.device) -> "ImageTensorDataset":
         """The same examples on ``device`` (still uint8: a quarter of the float size), so that a batch is one
         indexing operation there, with no copy from the host per step."""
@@ -61,6 +65,38 @@ class ImageTensorDataset(Dataset):
         """Consecutive (images, labels) batches in order, for evaluation."""
         for start in range(0, len(self), batch_size):
             yield self.images[start:start + batch_size].float().div_(255), self.labels[start:start + batch_size]
+
+
+class FeatureTensorDataset(Dataset):
+    """Fixed float features of a set's images (src.feature_cache), served as ``ImageTensorDataset`` serves the
+    images: what clean training of a ScatterNet model draws its Poisson batches from and evaluates on."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        if not features.is_floating_point() or len(features) != len(labels):
+            raise ValueError(f"expected one float feature row per label, got {features.dtype} "
+                             f"{tuple(features.shape)} for {len(labels)} labels")
+        self.features, self.labels = features, labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def example_shape(self) -> tuple:
+        return tuple(self.features.shape[1:])
+
+    def to(self, device: torch.device) -> "FeatureTensorDataset":
+        return FeatureTensorDataset(self.features.to(device), self.labels.to(device))
+
+    def __getitem__(self, index: int):
+        return self.features[index], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]):
+        index = torch.as_tensor(list(indices), dtype=torch.int64, device=self.features.device)
+        return self.features[index], self.labels[index]
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            yield self.features[start:start + batch_size], self.labels[start:start + batch_size]
 
 
 def collate_batch(batch):

@@ -105,3 +105,43 @@ def _load(path: Path, key: FeatureKey, count: int):
         return saved["features"]
     log.warning("feature cache %s: %s; computing it again", path, problem)
     return None
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What training draws its batches from and clean evaluation reads: the loaded sets themselves, or their
+    cached features. Robust evaluation always attacks the pixels (``LoadedData.test``)."""
+
+    train: object
+    val: object
+    test: object
+    cached: bool = False
+
+
+def uses_cached_features(model, config) -> bool:
+    """Clean training without augmentation of a model with a fixed feature stage sees the same features every
+    epoch; augmentation and robust training change the pixels, so they compute features on the fly."""
+    return (hasattr(model, "scattering") and not config.train.augment and not config.robust.robust
+            and config.train.augmult == 1)
+
+
+def training_inputs(model, data, config, dataset: str, device: torch.device) -> TrainingInputs:
+    """The cached features of every split, on ``device`` (computed there by the model's own scattering the first
+    time) when ``uses_cached_features``, else the loaded sets."""
+    from src.data import FeatureTensorDataset
+
+    if not uses_cached_features(model, config):
+        return TrainingInputs(data.train, data.val, data.test)
+    scattering = model.scattering
+    description, root = scattering.description(), Path(config.data.data_root)
+
+    def features(split: str, images_set):
+        if images_set is None:
+            return None
+        images = images_set.images.cpu()
+        key = FeatureKey(dataset=dataset, split=split, fingerprint=fingerprint(images), transform=description)
+        computed = cached_features(images, lambda batch: scattering(batch.to(device)).cpu(), key, root)
+        return FeatureTensorDataset(computed, images_set.labels.cpu()).to(device)
+
+    return TrainingInputs(features("train", data.train), features("val", data.val), features("test", data.test),
+                          cached=True)

@@ -233,7 +233,7 @@ def check_engine_supports(training: Training, train_set) -> None:
     if not isinstance(training.model, BookKeepingGradSampleModule):
         return
     try:
-        training.model.probe(torch.zeros(1, *train_set.images.shape[1:]))
+        training.model.probe(torch.zeros(1, *train_set.example_shape))
     except UnsupportedModelError as error:
         raise UserError(f"--engine bk: {error}") from None
 

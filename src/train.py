@@ -33,6 +33,7 @@ from src.config import Config, ModelConfig
 from src.data import DatasetSpec
 from src.distributed import Ranks, broadcast, current_ranks, gather, rank_stream
 from src.errors import TrainingStopped, UserError
+from src.feature_cache import TrainingInputs, training_inputs
 from src.loop import (EpochSpec, Numerics, StepHooks, StoppedAtBoundary, evaluate, public_refresher,
                       require_finite_weights, train_epoch)
 from src.preemption import Interrupted, StopNow, StopSignals
@@ -112,6 +113,7 @@ class PreparedRun:
     stop: Optional[StopSignals] = None  # SIGTERM / SIGINT while training (src.preemption)
     hooks: StepHooks = StepHooks()  # instruments around each step (the white-box audit's canaries)
     progress: Optional[TrainingProgress] = None  # the bar, the estimate and the heartbeat (src.progress)
+    inputs: Optional[TrainingInputs] = None  # what training and clean evaluation read: the sets or their features
 
 
 @dataclass
@@ -164,12 +166,13 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
         noise_generator = torch.Generator(device=device)
         noise_generator.manual_seed(own.noise)
     sampling_generator = torch.Generator().manual_seed(own.sampling)
-    training = attach(model, data.train, config, plan, sampling_generator=sampling_generator,
+    inputs = training_inputs(model, data, config, spec.name, device)  # cached features where they can be
+    training = attach(model, inputs.train, config, plan, sampling_generator=sampling_generator,
                       noise_generator=noise_generator, ranks=ranks)
     refresh_public = public_refresher(model, data.public, device)
     if refresh_public is not None:
         refresh_public()  # no step happens before it anyway; the engine's check below needs the statistics
-    check_engine_supports(training, data.train)
+    check_engine_supports(training, inputs.train)
     generators = {"sampling": sampling_generator, "noise": noise_generator}
     if config.privacy.secure_rng:  # a CSPRNG has no state to keep: resumed secure runs are not replays
         generators = {}
@@ -187,7 +190,7 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
         views = AugmentedViews(spec.augmentation, config.train.augmult, generators["augmentation"])
     return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training,
                        generators=generators, adversarial=adversarial, refresh_public=refresh_public, views=views,
-                       ema=ema, refresh_ema=refresh_ema, ranks=ranks, numerics=numerics)
+                       ema=ema, refresh_ema=refresh_ema, ranks=ranks, numerics=numerics, inputs=inputs)
 
 
 def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> TrainingSummary:
@@ -422,12 +425,13 @@ def _evaluate(session: RunSession, model: torch.nn.Module, refresh_public: Optio
     """Test (and validation) loss and accuracy of ``model``, and its robust accuracy when due; bn-public
     models first get the public statistics of their final weights."""
     config, data, device = session.config, session.data, session.device
+    clean = session.inputs or TrainingInputs(data.train, data.val, data.test)  # the features, or the sets
     if refresh_public is not None:
         refresh_public()
-    test_loss, test_acc = evaluate(model, data.test, batch_size=config.train.eval_batch_size, device=device)
+    test_loss, test_acc = evaluate(model, clean.test, batch_size=config.train.eval_batch_size, device=device)
     result = {"test_loss": test_loss, "test_acc": test_acc, "robust_acc": None}
-    if data.val is not None:
-        result["val_loss"], result["val_acc"] = evaluate(model, data.val, batch_size=config.train.eval_batch_size,
+    if clean.val is not None:
+        result["val_loss"], result["val_acc"] = evaluate(model, clean.val, batch_size=config.train.eval_batch_size,
                                                          device=device)
     if with_robust:
         robust = config.robust

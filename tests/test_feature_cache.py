@@ -2,6 +2,7 @@
 file is partial or corrupt, written under the data root and never into the checkout."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -95,3 +96,28 @@ def test_a_scattering_model_leaves_the_checkouts_tracked_tree_unchanged(tiny_roo
     finally:
         shutil.rmtree(data if data_root_existed else REPO / "data", ignore_errors=True)
         shutil.rmtree(REPO / "runs" / f"test-{tmp_path.name}", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_clean_scatternet_training_reads_cached_features_and_augmented_training_does_not(tiny_root, tmp_path):
+    """The first clean run computes each split's features under <data-root>/features; a second one (same seed)
+    reads them and ends with the same numbers; --augment computes them on the fly and caches nothing new."""
+    from tests.conftest import run_cli
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "MNIST", root / "MNIST")
+    common = ["--dataset", "mnist", "--model", "scatternet-linear", "--data-root", root, "--train-subset", 80,
+              "--batch-size", 20, "--epochs", 1, "--val-size", 20, "--eval-robust-size", 4, "--eval-pgd-steps", 2,
+              "--seed", 0, "--out", tmp_path / "runs", "--wandb", "disabled"]
+    first = run_cli(*common, "--run-id", "first", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    files = {p.name: p.stat().st_mtime_ns for p in (root / FOLDER).iterdir()}
+    assert sorted(name.split("-")[1] for name in files) == ["test", "train", "val"]
+    second = run_cli(*common, "--run-id", "second", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (root / FOLDER).iterdir()} == files
+    summaries = [json.loads((tmp_path / "runs" / r / "summary.json").read_text()) for r in ("first", "second")]
+    assert summaries[0]["test_acc"] == summaries[1]["test_acc"] and summaries[0]["val_acc"] == summaries[1]["val_acc"]
+    augmented = run_cli(*common, "--run-id", "augmented", "--augment", cwd=tmp_path)
+    assert augmented.returncode == 0, augmented.stderr
+    assert {p.name for p in (root / FOLDER).iterdir()} == set(files)

@@ -58,6 +58,14 @@ class Scattering(nn.Module):
     def out_shape(self) -> tuple:
         return (self.out_channels, *self.out_size)
 
+    def description(self) -> str:
+        """Everything its output depends on besides the image: what keys a feature cache (src.feature_cache)."""
+        import kymatio
+
+        return (f"kymatio {kymatio.__version__} Scattering2D J={J} L={ANGLES} order {ORDERS}; input (x - "
+                f"{self.standardize.mean.flatten().tolist()}) / {self.standardize.std.flatten().tolist()}; "
+                f"float32 {self.out_shape}")
+
 
 def feature_norm(kind: str, channels: int, groups: int) -> nn.Module:
     """The normalization of the features, per example or from public data only; no trained parameters (as
@@ -97,14 +105,19 @@ def cnn_head(features: tuple, num_classes: int) -> nn.Module:
 
 
 class ScatterNet(nn.Module):
-    """``scattering`` (fixed) -> ``norm`` of the features -> ``head`` (trained)."""
+    """``scattering`` (fixed) -> ``norm`` of the features -> ``head`` (trained).
+
+    It takes pixels, or the scattering's output computed earlier (a batch shaped ``scattering.out_shape``, which
+    no image is): clean training on cached features and attacks on pixels go through the same model, so its
+    engine, weight average, checkpoint and saved weights are one."""
 
     def __init__(self, scattering: Scattering, norm: nn.Module, head: nn.Module):
         super().__init__()
         self.scattering, self.norm, self.head = scattering, norm, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.scattering(x)))
+        features = x if tuple(x.shape[1:]) == self.scattering.out_shape else self.scattering(x)
+        return self.head(self.norm(features))
 
 
 HEADS = {"scatternet-linear": linear_head, "scatternet-cnn": cnn_head}
