@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 FOLDER = "features"
 FORMAT = 1  # the file layout below; a new one rebuilds every file
+LOG_EVERY_SECONDS = 60.0  # the bar's refresh when stderr is a file or a pipe, as for training (src.progress)
 
 
 @dataclass(frozen=True)
@@ -81,14 +83,23 @@ def cached_features(images: torch.Tensor, transform: Callable[[torch.Tensor], to
 
 
 def _compute(images, transform, key: FeatureKey, batch_size: int, progress: bool) -> torch.Tensor:
-    parts = []
+    features = None  # one tensor filled in place: a list of batches and their concatenation would hold both
     with torch.no_grad(), tqdm(total=len(images), unit="img", desc=f"features {key.dataset} {key.split}",
-                               disable=not progress, dynamic_ncols=True) as bar:
+                               disable=not progress, dynamic_ncols=True,
+                               mininterval=0.1 if _terminal(sys.stderr) else LOG_EVERY_SECONDS) as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size].float().div_(255)
-            parts.append(transform(batch).float())
+            part = transform(batch).float()
+            if features is None:
+                features = torch.empty((len(images), *part.shape[1:]), dtype=part.dtype)
+            features[start:start + len(batch)] = part
             bar.update(len(batch))
-    return torch.cat(parts)
+    return features
+
+
+def _terminal(stream) -> bool:
+    """A terminal redraws the bar in place; in a log file each redraw is another line, so it is rare there."""
+    return hasattr(stream, "isatty") and stream.isatty()
 
 
 def _load(path: Path, key: FeatureKey, count: int):

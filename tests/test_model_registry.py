@@ -52,6 +52,10 @@ def test_a_models_defaults_replace_the_datasets_and_flags_replace_both():
     assert given.privacy.noise == 2.0 and given.privacy.target_epsilon is None  # noise replaces the target
     cnn = config_for("mnist", model="scatternet-cnn")
     assert (cnn.train.batch_size, cnn.privacy.clip, cnn.privacy.target_epsilon) == (1024, 0.1, 3.0)
+    # robust accuracy of the ScatterNet models is PGD-20, its step from the 20 steps; the others keep PGD-40
+    assert (linear.robust.eval_pgd_steps, linear.robust.eval_pgd_alpha) == (20, pytest.approx(2.5 * (8 / 255) / 20))
+    assert config_for("cifar10", model="scatternet-linear", eval_pgd_steps=40).robust.eval_pgd_steps == 40
+    assert config_for("cifar10").robust.eval_pgd_steps == config_for("mnist").robust.eval_pgd_steps == 40
 
 
 @pytest.mark.parametrize("flags,words", [
