@@ -16,6 +16,12 @@ import logging
 import os
 import sys
 
+# PyTorch's CPU allocator asks for transparent huge pages (madvise) on allocations of 2 MB and more when this is set;
+# read once, at its first allocation, so before torch is imported. Without it every large tensor a step allocates
+# (a ScatterNet's 8192-example batch of cached features is 510 MB) is faulted in 4 KB pages: on the 2-core CPU a
+# CIFAR-10 scatternet-linear epoch took 7.4 s, with it 4.3 s (20 times fewer page faults). A user's own value wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 
 def main(argv=None) -> int:
     from src.cli import parse_flags, report_error
