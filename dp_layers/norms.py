@@ -1,8 +1,8 @@
 """make_norm(kind, channels): the single place where a model's normalization layer is chosen.
 
 Every kind offered here normalizes an example with statistics of that example alone (group, layer,
-instance) or of public data alone (bn-public), so per-example sensitivity stays bounded; BatchNorm on
-private batches is never offered.
+instance), of public data alone (bn-public), or released once under DP before training (bn-dp, for fixed
+features), so per-example sensitivity stays bounded; BatchNorm on private batches is never offered.
 
 The registry ``NORM_KINDS`` is torch-free (``--norm``'s choices come from it while ``--help`` answers
 without torch); the layers are imported when one is made.
@@ -15,7 +15,12 @@ NORM_KINDS = {
     "layer": "LayerNorm over (C, H, W): GroupNorm with one group",
     "instance": "InstanceNorm with a per-channel affine",
     "bn-public": "BatchNorm whose statistics come from the public set only",
+    "bn-dp": "BatchNorm statistics of the features estimated once from the private set under DP, paid for out of "
+             "epsilon (ScatterNet models; dp_layers.dp_bn)",
 }
+# Kinds that only a fixed feature stage has a place for (estimated once, before training): the end-to-end models'
+# layers see activations that change with the weights.
+FEATURE_ONLY_NORMS = ("bn-dp",)
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -48,4 +53,6 @@ def make_norm(kind: str, channels: int):
         return nn.InstanceNorm2d(channels, affine=True)
     if kind == "bn-public":
         return PublicBatchNorm(channels)
+    if kind in FEATURE_ONLY_NORMS:
+        raise ValueError(f"--norm {kind} normalizes fixed features only (the scatternet models)")
     raise ValueError(f"unknown normalization {kind!r}; expected one of {', '.join(NORM_KINDS)}")

@@ -2,6 +2,7 @@
 Jagielski 2023, "Privacy auditing with one (1) training run").
 
     python -m experiments.audit --data-root data [--engine bk] [--norm bn-public] [--robust] [--canaries 1000]
+    python -m experiments.audit --data-root data --model scatternet-linear --norm bn-dp
 
 m canaries (held-out MNIST training images given a wrong label) are each inserted into the private
 training set with probability 1/2, the model is trained with the ordinary ``vision.py`` code path (same
@@ -168,14 +169,24 @@ def canary_scores(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 
 
 def _claimed_noise(args, n: int) -> tuple:
-    """(noise multiplier, epsilon) the configuration claims for n private examples."""
+    """(noise multiplier, epsilon) the configuration claims for n private examples: with --norm bn-dp, the
+    epsilon of its statistics and DP-SGD together, and DP-SGD's noise calibrated to what the statistics leave."""
     from src.accounting import calibrate_noise, epsilon_from_history, poisson_schedule
 
     schedule = poisson_schedule(n, args.batch_size)
     steps = schedule.steps_per_epoch * args.epochs
+    prelude = _prelude(args)
     noise = args.noise or calibrate_noise(target_epsilon=args.target_epsilon, delta=args.delta,
-                                          sample_rate=schedule.sample_rate, steps=steps, accountant="rdp")
-    return noise, epsilon_from_history("rdp", [(noise, schedule.sample_rate, steps)], args.delta)
+                                          sample_rate=schedule.sample_rate, steps=steps, accountant="rdp",
+                                          prelude=prelude)
+    return noise, epsilon_from_history("rdp", prelude + [(noise, schedule.sample_rate, steps)], args.delta)
+
+
+def _prelude(args) -> list:
+    """What the audited run releases before training (src.accounting.prelude_of, from the audit's flags)."""
+    from dp_layers.dp_bn import accountant_entry
+
+    return [accountant_entry(args.norm_noise)] if args.norm == "bn-dp" else []
 
 
 def _momentum(args) -> float:
@@ -217,6 +228,8 @@ def run_audit(args) -> dict:
     elif args.broken == "half-noise":
         noise = noise / 2
     flags = {name: getattr(args, name) for name in AUDIT_DEFAULTS}
+    if args.norm != "bn-dp":
+        flags.update(norm_clip=None, norm_noise=None)  # bn-dp's own settings, refused with any other norm
     flags.update(dataset="mnist", momentum=_momentum(args), clip=clip, noise=noise, target_epsilon=None,
                  eval_robust_size=0, wandb="disabled", download=False)
     if args.robust:
@@ -262,11 +275,13 @@ def run_audit(args) -> dict:
 
 # The vision.py settings the audit takes (declared once, in src.config), with the audit's own defaults: a small
 # MNIST run whose claimed epsilon is 1. ``momentum`` None: 0.9 for sgd and rmsprop, none for adam.
-AUDIT_DEFAULTS = {"data_root": "data", "engine": "bk", "norm": "none", "public_data": None, "public_size": None,
+AUDIT_DEFAULTS = {"data_root": "data", "engine": "bk", "model": None, "norm": "none", "norm_clip": None,
+                  "norm_noise": 8.0, "public_data": None, "public_size": None,
                   "robust": False, "train_subset": 1000, "test_subset": 2000, "epochs": 30, "batch_size": 250,
                   "optimizer": "sgd", "lr": 0.5, "momentum": None, "clip": 0.1, "delta": 1e-5, "seed": 0,
                   "out": "runs/audit", "run_id": None}
 SHOWN_DEFAULTS = {"momentum": "0.9 for sgd and rmsprop, none for adam", "public_data": "KMNIST under --data-root",
+                  "model": "lenet5", "norm_clip": "the model's",
                   "train_subset": "1000 private images besides the canaries", "public_size": "128",
                   "run_id": "generated"}
 

@@ -20,7 +20,7 @@ from src.errors import UserError
 from src.atomic_files import atomic_write_text
 from src.run_directory import RunDirectory, runs_in
 
-COLUMNS = ["sweep", "run_id", "status", "dataset", "norm", "act", "engine", "robust", "attack", "training",
+COLUMNS = ["sweep", "run_id", "status", "dataset", "model", "norm", "norm_clip", "norm_noise", "act", "engine", "robust", "attack", "training",
            "pgd_eps", "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train",
            "public_size", "epoch", "step", "epsilon", "val_loss", "val_acc", "test_loss", "test_acc", "robust_acc",
            "val_acc_ema", "test_acc_ema", "robust_acc_ema", "seconds",
@@ -48,13 +48,21 @@ def public_size(config: dict):
     return int(found.group(1)) if found else None
 
 
+def bn_dp_settings(model: dict) -> dict:
+    """--norm bn-dp's clipping bound and noise (empty for other norms, whose runs hold the unused defaults)."""
+    if model.get("norm") != "bn-dp":
+        return {"norm_clip": None, "norm_noise": None}
+    return {"norm_clip": model.get("norm_clip"), "norm_noise": model.get("norm_noise")}
+
+
 def run_rows(run_dir: Path, sweep: str) -> list:
     """One row per epoch of one run directory ([] for a run with no finished epoch)."""
     run = RunDirectory(run_dir)
     config, summary = run.read_config(), run.read_summary()
     robust = config.get("robust", {})
     fixed = {"sweep": sweep, "run_id": run_dir.name, "status": summary.status,
-             "dataset": config["data"]["dataset"], "norm": config["model"]["norm"], "act": config["model"]["act"],
+             "dataset": config["data"]["dataset"], "model": config["model"].get("model"),
+             "norm": config["model"]["norm"], **bn_dp_settings(config["model"]), "act": config["model"]["act"],
              "engine": config["privacy"]["engine"], "robust": bool(robust.get("robust", False)),
              "attack": robust.get("attack") if robust.get("robust") else None, "training": training_name(robust),
              "pgd_eps": robust.get("pgd_eps"),

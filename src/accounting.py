@@ -107,8 +107,24 @@ def epsilon_by_accountant(history: list, delta: float) -> dict:
 
 
 def gdp_approximation(history: list, delta: float) -> Optional[float]:
-    """GDP's central-limit value (Dong, Roth and Su 2019): reported, labelled, never a guarantee (GDP_NOTE)."""
-    return bounded_epsilon("gdp", history, delta)
+    """GDP's central-limit value (Dong, Roth and Su 2019): reported, labelled, never a guarantee (GDP_NOTE).
+
+    Opacus's GDP accountant reads only its history's last entry, so a history of several (``--norm bn-dp``'s
+    release before DP-SGD) is composed here: mu-GDP mechanisms compose as the root of the sum of their squared
+    mu (Dong, Roth and Su, Corollary 3.3). An entry at sampling rate 1 is exactly the Gaussian mechanism,
+    sqrt(steps) / sigma; a subsampled one takes Opacus's central-limit mu."""
+    if len(history) <= 1:
+        return bounded_epsilon("gdp", history, delta)
+    from opacus.accountants.analysis import gdp
+
+    try:
+        mu = math.sqrt(sum((math.sqrt(steps) / noise) ** 2 if rate == 1 else
+                           gdp.compute_mu_poisson(steps=steps, noise_multiplier=noise, sample_rate=rate) ** 2
+                           for noise, rate, steps in history))
+        value = float(gdp.eps_from_mu(mu=mu, delta=delta))
+    except ACCOUNTING_ERRORS:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def require_rigorous(accountant: str) -> None:
@@ -118,9 +134,15 @@ def require_rigorous(accountant: str) -> None:
                          f"{' or '.join(RIGOROUS_ACCOUNTANTS)}")
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The smallest noise (to Opacus's bisection tolerance) whose epsilon after ``steps`` is <= target."""
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                    prelude: Sequence = ()) -> float:
+    """The smallest noise (to Opacus's bisection tolerance) whose epsilon after ``steps`` is <= target; with a
+    ``prelude`` (releases before training, such as --norm bn-dp's statistics) that epsilon is of both together,
+    so DP-SGD gets what the prelude leaves."""
     require_rigorous(accountant)
+    if prelude:
+        return _calibrate_after(list(prelude), target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+                                steps=steps, accountant=accountant)
     try:
         with quiet_accounting():
             noise = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
@@ -131,6 +153,41 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
                         f"{sample_rate:.4g} and {steps} steps ({error}); raise the target, train fewer epochs "
                         "or use a smaller batch") from None
     return float(noise)
+
+
+MAX_NOISE = 1e6  # Opacus's own limit on a calibrated noise multiplier (accountants.utils.MAX_SIGMA)
+EPSILON_TOLERANCE = 0.01  # Opacus's get_noise_multiplier: the calibrated epsilon is within this below the target
+
+
+def _calibrate_after(prelude: list, *, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                     accountant: str) -> float:
+    """Opacus's bisection (get_noise_multiplier), on the composition of ``prelude`` and DP-SGD: Opacus's own takes
+    a history of one entry only."""
+    alone = bounded_epsilon(accountant, prelude, delta)
+    if alone is None or alone >= target_epsilon:
+        raise UserError(f"--target-epsilon {target_epsilon:g}: the release before training alone spends "
+                        f"{'an unbounded epsilon' if alone is None else f'{alone:.3g}'} ({accountant}); raise the "
+                        "target or --norm-noise")
+
+    def epsilon(noise: float) -> float:
+        value = bounded_epsilon(accountant, prelude + [(noise, sample_rate, steps)], delta)
+        return math.inf if value is None else value
+
+    low, high, high_epsilon = 0.0, 10.0, math.inf
+    while high_epsilon > target_epsilon:
+        high *= 2
+        if high > MAX_NOISE:
+            raise UserError(f"--target-epsilon {target_epsilon:g} cannot be met with delta {delta}, sample rate "
+                            f"{sample_rate:.4g} and {steps} steps after the release before training")
+        high_epsilon = epsilon(high)
+    while target_epsilon - high_epsilon > EPSILON_TOLERANCE:
+        middle = (low + high) / 2
+        value = epsilon(middle)
+        if value < target_epsilon:
+            high, high_epsilon = middle, value
+        else:
+            low = middle
+    return high
 
 
 def steps_within_budget(max_epsilon: float, *, noise: float, sample_rate: float, steps: int, accountant: str,
@@ -206,9 +263,27 @@ class PrivacyPlan:
     epsilon_gdp_approximation: Optional[float]  # labelled approximation, never a guarantee
     budget_steps: Optional[int] = None  # --max-epsilon: the most steps whose epsilon stays within it
     max_epsilon: Optional[float] = None
+    # Releases before training, as accountant history entries (--norm bn-dp: (noise, 1.0, 2)); the training
+    # accountant starts from them, so every epsilon of the run composes them with DP-SGD's steps.
+    prelude: tuple = ()
+    prelude_epsilon: Optional[float] = None  # what the prelude alone spends (its share, for --dry-run)
+
+    @property
+    def prelude_steps(self) -> int:
+        """The prelude's entries in the accountant's step count (not DP-SGD steps)."""
+        return steps_in(list(self.prelude))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def prelude_of(config: Config) -> tuple:
+    """What a run releases from the private set before training, as accountant history entries."""
+    if config.privacy.private and config.model.norm == "bn-dp":
+        from dp_layers.dp_bn import accountant_entry
+
+        return (accountant_entry(config.model.norm_noise),)
+    return ()
 
 
 def plan_privacy(config: Config, n_train: int) -> PrivacyPlan:
@@ -225,13 +300,16 @@ def plan_privacy(config: Config, n_train: int) -> PrivacyPlan:
     steps = schedule.steps_per_epoch * t.epochs
     noise, calibrated, epsilon, gdp = None, False, None, None
     by_accountant = {name: None for name in RIGOROUS_ACCOUNTANTS}
+    prelude = prelude_of(config)
+    prelude_epsilon = bounded_epsilon(p.accountant, list(prelude), p.delta) if prelude else None
     if p.private:
         noise = p.noise
         if p.target_epsilon is not None:
             noise = calibrate_noise(target_epsilon=p.target_epsilon, delta=p.delta,
-                                    sample_rate=schedule.sample_rate, steps=steps, accountant=p.accountant)
+                                    sample_rate=schedule.sample_rate, steps=steps, accountant=p.accountant,
+                                    prelude=prelude)
             calibrated = True
-        history = [(noise, schedule.sample_rate, steps)]
+        history = list(prelude) + [(noise, schedule.sample_rate, steps)]
         by_accountant = epsilon_by_accountant(history, p.delta)
         gdp = gdp_approximation(history, p.delta)
         epsilon = by_accountant[p.accountant]
@@ -241,7 +319,7 @@ def plan_privacy(config: Config, n_train: int) -> PrivacyPlan:
     budget_steps = None
     if p.private and p.max_epsilon is not None:
         budget_steps = steps_within_budget(p.max_epsilon, noise=noise, sample_rate=schedule.sample_rate,
-                                           steps=steps, accountant=p.accountant, delta=p.delta)
+                                           steps=steps, accountant=p.accountant, delta=p.delta, spent=prelude)
         if budget_steps == 0:
             raise UserError(f"--max-epsilon {p.max_epsilon:g} does not allow a single step at noise {noise:g} and "
                             f"sample rate {schedule.sample_rate:.4g} ({p.accountant}); raise it or add noise")
@@ -251,6 +329,7 @@ def plan_privacy(config: Config, n_train: int) -> PrivacyPlan:
                        noise_multiplier=noise, noise_calibrated=calibrated, delta=p.delta,
                        accountant=p.accountant, epsilon=epsilon, epsilon_by_accountant=by_accountant,
                        epsilon_gdp_approximation=gdp,
-                       budget_steps=budget_steps, max_epsilon=p.max_epsilon if p.private else None)
+                       budget_steps=budget_steps, max_epsilon=p.max_epsilon if p.private else None,
+                       prelude=prelude, prelude_epsilon=prelude_epsilon)
 
 

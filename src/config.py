@@ -40,6 +40,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_ROOT_ENV = "PRV_DATA_ROOT"
 # Flags that only mean something for --robust training (the radius and norm also set the evaluation attack).
 ROBUST_TRAINING_FLAGS = ("attack", "pgd_alpha", "pgd_steps", "pgd_restarts", "adv_ratio")
+# Flags that only mean something for --norm bn-dp (dp_layers.dp_bn).
+BN_DP_FLAGS = ("norm_clip", "norm_noise")
 
 
 def _dataset_names() -> tuple:
@@ -114,11 +116,21 @@ class ModelConfig:
                                    help="the model family (src/models; docs/models.md); a family's own defaults "
                                         "(batch, learning rate, epochs, clipping) replace the dataset's")
     norm: str = setting("none", choices=NORMS, help="normalization layer after every convolution; bn-public is "
-                                            "BatchNorm with statistics from the public set")
+                                            "BatchNorm with statistics from the public set; bn-dp (scatternet "
+                                            "models) estimates them once from the private set under DP, paid for "
+                                            "out of epsilon (docs/models.md)")
     act: str = setting("tanh", choices=ACTIVATIONS, help="activation function")
     norm_groups: Optional[int] = setting(None, metavar="G", default_text="27 for the scatternet models",
                                          help="--norm group on the scattering features: the number of groups "
                                               "(it must divide the 81 or 243 channels)")
+    norm_clip: Optional[float] = setting(None, metavar="C", default_text="the model's: scatternet 0.5 (mnist), "
+                                                                       "2 (cifar10)",
+                                         help="--norm bn-dp: L2 bound on each example's per-channel means, and on "
+                                              "its means of squares, of the features; fixed in advance, never a "
+                                              "statistic of the data")
+    norm_noise: float = setting(8.0, metavar="SIGMA",
+                                help="--norm bn-dp: noise multiplier of the two released sums (standard deviation "
+                                     "SIGMA x --norm-clip); paid once, before training, out of the run's epsilon")
     ws: bool = setting(False, help="weight-standardized convolutions (Qiao et al. 2019; with --norm group, the "
                                    "ResNet of De et al. 2022); every engine clips the raw weight's exact "
                                    "per-sample gradient")
@@ -315,6 +327,10 @@ def resolve_settings(flags: Mapping[str, Any], dataset_defaults: Mapping[str, An
         # The dataset's physical batch is a memory bound: it only shrinks to fit a smaller logical batch.
         settings["physical_batch_size"] = min(settings["physical_batch_size"], settings["batch_size"])
     _resolve_attack(settings, user)
+    given = [f for f in BN_DP_FLAGS if f in user]
+    if given and settings.get("norm") != "bn-dp":
+        raise UserError(f"--{given[0].replace('_', '-')} sets how --norm bn-dp estimates its statistics; it needs "
+                        f"--norm bn-dp, not {settings.get('norm')}")
     return settings
 
 
@@ -422,6 +438,12 @@ def validate(config: Config) -> None:
     _require(p.accountant in RIGOROUS_ACCOUNTANTS, f"--accountant: {accountant_refusal(p.accountant)}")
     _require(0 < p.delta < 1, f"--delta must be in (0, 1), got {p.delta}")
     _require(p.clip > 0, f"--clip must be positive, got {p.clip}")
+    if config.model.norm == "bn-dp":
+        m = config.model
+        # None: a model without a bn-dp default, which src.models.check_model refuses with the reason
+        _require(m.norm_clip is None or m.norm_clip > 0, f"--norm-clip must be positive, got {m.norm_clip}")
+        _require(m.norm_noise > 0, f"--norm-noise must be positive, got {m.norm_noise} (without noise the "
+                                   "statistics of the private set would be released as they are)")
     if p.private:
         _require(not (p.noise is not None and p.target_epsilon is not None),
                  "give either --noise or --target-epsilon, not both")

@@ -136,6 +136,15 @@ def uses_cached_features(model, config) -> bool:
             and config.train.augmult == 1)
 
 
+def split_features(model, images_set, split: str, dataset: str, root: Path, device: torch.device) -> torch.Tensor:
+    """The model's fixed features of one split's images (on the CPU), from the cache under ``root`` or computed by
+    the model's own scattering on ``device`` and cached."""
+    scattering = model.scattering
+    images = images_set.images.cpu()
+    key = FeatureKey(dataset=dataset, split=split, fingerprint=fingerprint(images), transform=scattering.description())
+    return cached_features(images, lambda batch: scattering(batch.to(device)).cpu(), key, root)
+
+
 def training_inputs(model, data, config, dataset: str, device: torch.device) -> TrainingInputs:
     """The cached features of every split, on ``device`` (computed there by the model's own scattering the first
     time) when ``uses_cached_features``, else the loaded sets."""
@@ -143,15 +152,11 @@ def training_inputs(model, data, config, dataset: str, device: torch.device) -> 
 
     if not uses_cached_features(model, config):
         return TrainingInputs(data.train, data.val, data.test)
-    scattering = model.scattering
-    description, root = scattering.description(), Path(config.data.data_root)
 
     def features(split: str, images_set):
         if images_set is None:
             return None
-        images = images_set.images.cpu()
-        key = FeatureKey(dataset=dataset, split=split, fingerprint=fingerprint(images), transform=description)
-        computed = cached_features(images, lambda batch: scattering(batch.to(device)).cpu(), key, root)
+        computed = split_features(model, images_set, split, dataset, Path(config.data.data_root), device)
         return FeatureTensorDataset(computed, images_set.labels.cpu()).to(device)
 
     return TrainingInputs(features("train", data.train), features("val", data.val), features("test", data.test),

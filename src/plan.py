@@ -39,9 +39,25 @@ def dry_run_report(config: Config, spec: DatasetSpec) -> dict:
         "private": plan.private,
         "config": config.to_dict(),
     }
+    if config.model.norm == "bn-dp":
+        report["normalization"] = normalization_share(config, plan)
     if plan.private:
         report["note"] = GDP_NOTE
     return json_safe(report)
+
+
+def normalization_share(config: Config, plan) -> dict:
+    """--norm bn-dp's release before training and what it costs: its epsilon alone, and DP-SGD's alone, beside
+    the composed epsilon of the run (compositions are not sums: the parts add up to more than the whole)."""
+    from src.accounting import bounded_epsilon
+
+    dp_sgd_alone = (bounded_epsilon(plan.accountant, [(plan.noise_multiplier, plan.sample_rate, plan.steps)],
+                                    plan.delta) if plan.private else None)
+    return {"norm": "bn-dp", "clip": config.model.norm_clip, "noise_multiplier": config.model.norm_noise,
+            "releases": "two noisy sums (per-channel means and means of squares), once, before training",
+            "accountant_entries": [list(entry) for entry in plan.prelude],
+            "epsilon_alone": plan.prelude_epsilon, "dp_sgd_epsilon_alone": dp_sgd_alone,
+            "epsilon_composed": plan.epsilon}
 
 
 def _n_basis(config: Config, spec: DatasetSpec) -> str:

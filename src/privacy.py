@@ -168,6 +168,9 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
         noise_generator = None  # Opacus refuses a seeded generator in secure mode; it uses its CSPRNG
     with quiet_accounting():
         engine = PrivacyEngine(accountant=config.privacy.accountant, secure_mode=secure)
+        # What the run releases before training (--norm bn-dp's statistics) is the accountant's first entry, so
+        # every epsilon read from it (each epoch's, the budget guard's, a checkpoint's) composes it.
+        engine.accountant.history = list(plan.prelude)
         loader = _poisson_loader(train_set, plan, engine.secure_rng if secure else sampling_generator, ranks)
         if engine_name == "bk":
             training = _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_generator)

@@ -22,7 +22,9 @@ def describe(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> str:
         how = f"calibrated for epsilon {config.privacy.target_epsilon:g}" if plan.noise_calibrated else "given"
         privacy = (f"noise {plan.noise_multiplier:.4g} ({how}), clip {config.privacy.clip:g}, "
                    f"{config.privacy.accountant} accountant, delta {plan.delta:g}: "
-                   f"epsilon {plan.epsilon:.4g} after all {plan.steps} steps")
+                   f"epsilon {plan.epsilon:.4g} after all {plan.steps} steps"
+                   + (f", including bn-dp's statistics (noise {config.model.norm_noise:g}, clip "
+                      f"{config.model.norm_clip:g}: epsilon {plan.prelude_epsilon:.3g} alone)" if plan.prelude else ""))
     return (f"run {run_dir.path}: {config.data.dataset}, norm {config.model.norm}, act {config.model.act}, "
             f"engine {config.privacy.engine}; n={plan.n_train}, batch {plan.batch_size} (q={plan.sample_rate:.5f}), "
             f"{plan.epochs} epoch(s) x {plan.steps_per_epoch} steps; {privacy}")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from attacks.adversarial import AdversarialBatches
 from attacks.robust_eval import masking_checks, robust_accuracy
+from dp_layers.dp_bn import ReleasedStatistics, copy_statistics
 from src.augment import AugmentedViews
 from src.ema import weight_average
 from src import checkpoint
@@ -39,6 +40,7 @@ from src.loop import (EpochSpec, Numerics, StepHooks, StoppedAtBoundary, evaluat
 from src.preemption import Interrupted, StopNow, StopSignals
 from src.progress import RunShape, TrainingProgress
 from src.privacy import Training, attach, check_engine_supports
+from src.private_statistics import release_line, release_statistics, restore_statistics, uses_private_statistics
 from src.report import accuracy_interval, announce, epoch_line, report_outcome
 from src.run_directory import FollowerRunDirectory, RunDirectory
 from src.summary import RunSummary, TrainingSummary
@@ -114,6 +116,7 @@ class PreparedRun:
     hooks: StepHooks = StepHooks()  # instruments around each step (the white-box audit's canaries)
     progress: Optional[TrainingProgress] = None  # the bar, the estimate and the heartbeat (src.progress)
     inputs: Optional[TrainingInputs] = None  # what training and clean evaluation read: the sets or their features
+    released_statistics: Optional[ReleasedStatistics] = None  # --norm bn-dp's, when this process released them
 
 
 @dataclass
@@ -141,11 +144,13 @@ class RunSession(PreparedRun):
             data_identity=self.data_identity, ema=self.ema, streams_by_rank=rank_streams))
 
 
-def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -> PreparedRun:
+def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None,
+             saved_model: Optional[dict] = None) -> PreparedRun:
     """Data, privacy plan, model and engine: everything that can be refused, before any file is written.
     ``seeds`` (a resumed run's, from its checkpoint) default to new ones from ``--seed`` or the OS (rank 0's,
     in a multi-process run). The data sets move to the training device once, as uint8 tensors: batches are
-    gathered (and augmented) there."""
+    gathered (and augmented) there. --norm bn-dp's statistics are released here, before the first step, or
+    taken from a resumed run's ``saved_model`` (src.private_statistics)."""
     ranks = current_ranks()
     device = resolve_device(config.train.device, ranks)
     check_wandb_mode(config.output.wandb)
@@ -172,6 +177,15 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
     refresh_public = public_refresher(model, data.public, device)
     if refresh_public is not None:
         refresh_public()  # no step happens before it anyway; the engine's check below needs the statistics
+    released = None
+    if uses_private_statistics(config):
+        if saved_model is not None:
+            restore_statistics(model, saved_model)
+        else:
+            released = release_statistics(
+                model, data, config, spec.name, device, n=plan.n_train, ranks=ranks,
+                generator=(training.privacy_engine.secure_rng if config.privacy.secure_rng else noise_generator)
+                if plan.private else torch.Generator(device=device).manual_seed(own.noise))
     check_engine_supports(training, inputs.train)
     generators = {"sampling": sampling_generator, "noise": noise_generator}
     if config.privacy.secure_rng:  # a CSPRNG has no state to keep: resumed secure runs are not replays
@@ -184,13 +198,16 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None) -
     with torch.random.fork_rng(devices=[]):  # leaves the global random stream as it was
         ema = weight_average(spec.build_model(config.model).to(device), config.train.ema)
     refresh_ema = public_refresher(ema.module, data.public, device) if ema is not None else None
+    if ema is not None and uses_private_statistics(config):
+        copy_statistics(model, ema.module)  # the same release; a resumed run's average is restored with it
     views = None
     if config.train.augment:
         generators["augmentation"] = torch.Generator(device=device).manual_seed(own.augmentation)
         views = AugmentedViews(spec.augmentation, config.train.augmult, generators["augmentation"])
     return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training,
                        generators=generators, adversarial=adversarial, refresh_public=refresh_public, views=views,
-                       ema=ema, refresh_ema=refresh_ema, ranks=ranks, numerics=numerics, inputs=inputs)
+                       ema=ema, refresh_ema=refresh_ema, ranks=ranks, numerics=numerics, inputs=inputs,
+                       released_statistics=released)
 
 
 def _new_summary(config: Config, plan: PrivacyPlan, run_dir: RunDirectory) -> TrainingSummary:
@@ -278,7 +295,8 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False,
     """
     started = time.time()
     saved = checkpoint.load(Path(config.output.out) / config.output.run_id) if resume else None
-    prepared = _prepare(config, spec, Seeds(**saved["seeds"]) if resume else None)
+    prepared = _prepare(config, spec, Seeds(**saved["seeds"]) if resume else None,
+                        saved_model=saved["model"] if resume else None)
     prepared.hooks = hooks or StepHooks()
     device, data, plan, seeds, training = (prepared.device, prepared.data, prepared.plan, prepared.seeds,
                                            prepared.training)
@@ -304,6 +322,8 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False,
     summary.budget_steps = session.step_limit if plan.max_epsilon is not None else None
     if prepared.ranks.is_main:
         announce(config, plan, run_dir, position, session.step_limit)
+        if prepared.released_statistics is not None:
+            print(release_line(config, plan.n_train, prepared.released_statistics), flush=True)
 
     session.progress = TrainingProgress(RunShape(
         epochs=config.train.epochs, device=device.type,
@@ -333,10 +353,11 @@ def run(config: Config, spec: DatasetSpec, resume: bool = False,
 def _account(summary: TrainingSummary, config: Config, plan: PrivacyPlan, history: list) -> None:
     """The summary's two epsilons (``src.summary``): of the released outputs (the last finished epoch's steps,
     under every accountant) and of the budget spent (every step taken, which a resume continues from)."""
-    released = history_until(history, summary.steps)
+    # The accountant's history starts with what was released before training (plan.prelude), then DP-SGD's steps.
+    released = history_until(history, plan.prelude_steps + summary.steps)
     summary.epsilon_by_accountant = epsilon_by_accountant(released, plan.delta) if summary.epochs else None
     summary.epsilon_gdp_approximation = gdp_approximation(released, plan.delta) if summary.epochs else None
-    summary.steps_spent = steps_in(history)
+    summary.steps_spent = steps_in(history) - plan.prelude_steps
     summary.epsilon_spent = bounded_epsilon(config.privacy.accountant, history, plan.delta)
 
 

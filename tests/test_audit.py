@@ -52,8 +52,9 @@ def _audit(root, tmp_path, *flags) -> dict:
 
 
 @pytest.mark.parametrize("flags", [["--engine", e] for e in ("hooks", "functorch", "ghost", "mixed-ghost", "bk")]
-                         + [["--norm", "bn-public"], ["--robust"]],
-                         ids=["hooks", "functorch", "ghost", "mixed-ghost", "bk", "bk-bn-public", "bk-robust"])
+                         + [["--norm", "bn-public"], ["--robust"], ["--model", "scatternet-linear", "--norm", "bn-dp"]],
+                         ids=["hooks", "functorch", "ghost", "mixed-ghost", "bk", "bk-bn-public", "bk-robust",
+                              "bk-scatternet-bn-dp"])
 @pytest.mark.slow
 def test_real_engines_stay_below_the_accountants_epsilon(flags, audit_root, tmp_path):
     report = _audit(audit_root, tmp_path, *flags)
@@ -102,6 +103,16 @@ def test_white_box_audit_comes_close_to_epsilon_without_passing_it(engine, audit
     reaches a large part of the claimed epsilon (2) and never passes it."""
     report = _white_box(audit_root, tmp_path, "--engine", engine, "--target-epsilon", 2)
     assert report["white_box"] and report["sample_rate"] == 1.0
+    assert 0.3 * report["claimed_epsilon"] < report["epsilon_lower_bound"] < report["claimed_epsilon"]
+
+
+@pytest.mark.slow
+def test_white_box_audit_of_a_run_with_bn_dp_stays_below_the_composed_epsilon(audit_root, tmp_path):
+    """--norm bn-dp: the claim composes the statistics' release with DP-SGD (DP-SGD calibrated to what it leaves);
+    the gradient canaries measure DP-SGD's part, which must stay below it and still reach a large part of it."""
+    report = _white_box(audit_root, tmp_path, "--model", "scatternet-linear", "--norm", "bn-dp",
+                        "--target-epsilon", 2)
+    assert report["norm"] == "bn-dp" and report["claimed_epsilon"] <= 2.0
     assert 0.3 * report["claimed_epsilon"] < report["epsilon_lower_bound"] < report["claimed_epsilon"]
 
 

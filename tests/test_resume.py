@@ -50,7 +50,8 @@ def _metrics(run_dir):
     ["--engine", "bk"],
     ["--engine", "hooks", "--norm", "bn-public", "--robust", "--attack", "fgsm-rs", "--adv-ratio", "0.5"],
     ["--engine", "mixed-ghost", "--norm", "bn-public", "--augment", "--augmult", "2", "--ema", "0.9"],
-], ids=["bk", "hooks-bn-public-robust", "mixed-ghost-augmult-ema"])
+    ["--engine", "bk", "--model", "scatternet-linear", "--norm", "bn-dp", "--ema", "0.9"],
+], ids=["bk", "hooks-bn-public-robust", "mixed-ghost-augmult-ema", "bk-scatternet-bn-dp-ema"])
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(extra, tiny_root, tmp_path):
     reference = run_cli(*_flags(tiny_root, tmp_path, "uninterrupted", extra), cwd=tmp_path)
@@ -68,6 +69,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(extra, tiny_root
     resumed = run_cli("--resume", killed_dir, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after step {position.step}" in resumed.stdout
+    if "bn-dp" in extra:  # its statistics come from the checkpoint: a second estimate would be a second release
+        assert "bn-dp: released" not in resumed.stdout
+        assert tuple(checkpoint.load(killed_dir)["accountant_history"][0]) == (8.0, 1.0, 2)
 
     files = ["model.pt"] + (["model_ema.pt"] if "--ema" in extra else [])  # the average of the weights too
     for file in files:

@@ -15,7 +15,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from dp_layers.norms import NORM_KINDS
+from dp_layers.norms import FEATURE_ONLY_NORMS, NORM_KINDS
 from src.errors import UserError
 
 
@@ -27,7 +27,7 @@ class ModelFamily:
     summary: str  # one line for --help and the docs
     module: str  # the file that builds it: ``build(spec, model_config) -> nn.Module``
     datasets: tuple  # the datasets it is defined for
-    norms: tuple = tuple(NORM_KINDS)  # the --norm values it accepts
+    norms: tuple = tuple(k for k in NORM_KINDS if k not in FEATURE_ONLY_NORMS)  # the --norm values it accepts
     weight_standardization: bool = True  # whether --ws means anything for it
     norm_groups: bool = False  # whether --norm-groups sets its GroupNorm's groups
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per dataset, over its DEFAULTS
@@ -38,7 +38,7 @@ class ModelFamily:
 
 SCATTERING_CHANNELS = 81  # per input channel: src.models.scatternet.COEFFICIENTS (J=2, L=8, order 2)
 # The normalizations the scattering features have a place for (src.models.scatternet.feature_norm).
-SCATTERING_NORMS = ("none", "group", "bn-public")
+SCATTERING_NORMS = ("none", "group", "bn-public", "bn-dp")
 # Starting points from Tramer & Boneh's published settings (SGD with momentum 0.9, clipping bound 0.1, epsilon 3,
 # no augmentation, no weight average), not tuned here: docs/models.md. The scattering models also drop the
 # dataset recipe's augmentation, views and weight standardization, which only end-to-end models use.
@@ -48,6 +48,9 @@ SCATTERING_NORMS = ("none", "group", "bn-public")
 SCATTERING_RECIPE = {"optimizer": "sgd", "lr": 4.0, "momentum": 0.9, "clip": 0.1, "target_epsilon": 3.0,
                      "norm": "group", "act": "tanh", "augment": False, "augmult": 1, "ema": None, "ws": False,
                      "physical_batch_size": 1024, "eval_pgd_steps": 20}
+# --norm bn-dp's clipping bound of each example's per-channel feature means and means of squares (dp_layers.dp_bn),
+# per dataset: fixed in advance, chosen on a validation split (docs/models.md).
+BN_DP_CLIP = {"mnist": 0.5, "cifar10": 2.0}
 END_TO_END_RECIPE = {"optimizer": "sgd", "momentum": 0.9, "clip": 0.1, "target_epsilon": 3.0, "norm": "none",
                      "act": "tanh", "augment": False, "augmult": 1, "ema": None, "ws": False,
                      "physical_batch_size": 256}
@@ -60,13 +63,17 @@ MODELS: Mapping[str, ModelFamily] = {family.name: family for family in (
     ModelFamily("scatternet-linear", "ScatterNet + linear: fixed wavelet scattering features (kymatio, J=2, L=8), "
                 "their normalization, a linear classifier (Tramer & Boneh 2021)", "src.models.scatternet",
                 datasets=("mnist", "cifar10"), norms=SCATTERING_NORMS, weight_standardization=False, norm_groups=True,
-                defaults={"mnist": {**SCATTERING_RECIPE, "batch_size": 4096, "epochs": 40},
-                          "cifar10": {**SCATTERING_RECIPE, "batch_size": 8192, "epochs": 60}}),
+                defaults={"mnist": {**SCATTERING_RECIPE, "batch_size": 4096, "epochs": 40,
+                                    "norm_clip": BN_DP_CLIP["mnist"]},
+                          "cifar10": {**SCATTERING_RECIPE, "batch_size": 8192, "epochs": 60,
+                                      "norm_clip": BN_DP_CLIP["cifar10"]}}),
     ModelFamily("scatternet-cnn", "ScatterNet + CNN: the same features with Tramer & Boneh's small tanh CNN head",
                 "src.models.scatternet", datasets=("mnist", "cifar10"), norms=SCATTERING_NORMS,
                 weight_standardization=False, norm_groups=True,
-                defaults={"mnist": {**SCATTERING_RECIPE, "batch_size": 1024, "lr": 2.0, "epochs": 40},
-                          "cifar10": {**SCATTERING_RECIPE, "batch_size": 8192, "epochs": 60}}),
+                defaults={"mnist": {**SCATTERING_RECIPE, "batch_size": 1024, "lr": 2.0, "epochs": 40,
+                                    "norm_clip": BN_DP_CLIP["mnist"]},
+                          "cifar10": {**SCATTERING_RECIPE, "batch_size": 8192, "epochs": 60,
+                                      "norm_clip": BN_DP_CLIP["cifar10"]}}),
     ModelFamily("cnn", "end-to-end tanh CNN of Tramer & Boneh 2021 (Papernot et al. 2021): 26k parameters for "
                 "mnist, 550k for cifar10", "src.models.cnn", datasets=("mnist", "cifar10"),
                 defaults={"mnist": {**END_TO_END_RECIPE, "batch_size": 512, "lr": 0.5, "epochs": 40},

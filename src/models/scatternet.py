@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dp_layers.dp_bn import PrivateStandardize
 from dp_layers.public_bn import PublicStandardize
 from src.models.layers import Standardize
 
@@ -68,8 +69,8 @@ class Scattering(nn.Module):
 
 
 def feature_norm(kind: str, channels: int, groups: int) -> nn.Module:
-    """The normalization of the features, per example or from public data only; no trained parameters (as
-    Tramèr & Boneh's). ``bn-dp`` (statistics estimated under DP) comes next, in this same place."""
+    """The normalization of the features: per example, from public data only, or with statistics released once
+    under DP (``bn-dp``, dp_layers.dp_bn); no trained parameters (as Tramèr & Boneh's)."""
     if kind == "none":
         return nn.Identity()
     if kind == "group":
@@ -78,6 +79,8 @@ def feature_norm(kind: str, channels: int, groups: int) -> nn.Module:
         return nn.GroupNorm(groups, channels, affine=False)
     if kind == "bn-public":
         return PublicStandardize(channels)  # frozen statistics of the public images' features
+    if kind == "bn-dp":
+        return PrivateStandardize(channels)  # frozen statistics estimated from the private features under DP
     raise ValueError(f"--norm {kind} has no form for scattering features")
 
 
