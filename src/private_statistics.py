@@ -33,13 +33,17 @@ def uses_private_statistics(config) -> bool:
 
 
 def release_statistics(model: torch.nn.Module, data, config, dataset: str, device: torch.device, *, n: int,
-                       generator: Optional[torch.Generator], ranks: Ranks) -> Optional[dp_bn.ReleasedStatistics]:
-    """Estimate (on rank 0), broadcast and set ``model``'s bn-dp statistics; the released statistics."""
+                       generator: Optional[torch.Generator], ranks: Ranks,
+                       features: Optional[torch.Tensor] = None) -> Optional[dp_bn.ReleasedStatistics]:
+    """Estimate (on rank 0), broadcast and set ``model``'s bn-dp statistics; the released statistics.
+    ``features``: the private training set's, when training already holds them (cached features)."""
     statistics = None
     if ranks.is_main:
-        # the ScatterNet itself, also inside a wrapper (the white-box audit's canary probe)
-        scatternet = next(m for m in model.modules() if hasattr(m, "scattering"))
-        features = split_features(scatternet, data.train, "train", dataset, Path(config.data.data_root), device)
+        if features is None:
+            # the ScatterNet itself, also inside a wrapper (the white-box audit's canary probe)
+            scatternet = next(m for m in model.modules() if hasattr(m, "scattering"))
+            features = split_features(scatternet, data.train, "train", dataset, Path(config.data.data_root),
+                                      device)
         statistics = dp_bn.estimate((features[start:start + BATCH].to(device)
                                      for start in range(0, len(features), BATCH)),
                                     n=n, clip=config.model.norm_clip, noise_multiplier=config.model.norm_noise,

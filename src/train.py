@@ -184,6 +184,7 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None,
         else:
             released = release_statistics(
                 model, data, config, spec.name, device, n=plan.n_train, ranks=ranks,
+                features=inputs.train.features if inputs.cached else None,
                 generator=(training.privacy_engine.secure_rng if config.privacy.secure_rng else noise_generator)
                 if plan.private else torch.Generator(device=device).manual_seed(own.noise))
     check_engine_supports(training, inputs.train)
