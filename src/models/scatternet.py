@@ -114,6 +114,10 @@ class ScatterNet(nn.Module):
     no image is): clean training on cached features and attacks on pixels go through the same model, so its
     engine, weight average, checkpoint and saved weights are one."""
 
+    # ``norm`` sees the fixed scattering's output only: statistics of public features computed once stay exact
+    # (src.loop.public_refresher)
+    normalizes_fixed_features = True
+
     def __init__(self, scattering: Scattering, norm: nn.Module, head: nn.Module):
         super().__init__()
         self.scattering, self.norm, self.head = scattering, norm, head
