@@ -322,12 +322,14 @@ def resolve_settings(flags: Mapping[str, Any], dataset_defaults: Mapping[str, An
     if "noise" in user or "target_epsilon" in user or user.get("engine") == "non-private":
         settings["noise"] = None
         settings["target_epsilon"] = None
+    unset = dict(settings)  # what each setting would be without the flags
     settings.update(user)
     if "physical_batch_size" not in user and isinstance(settings.get("batch_size"), int):
         # The dataset's physical batch is a memory bound: it only shrinks to fit a smaller logical batch.
         settings["physical_batch_size"] = min(settings["physical_batch_size"], settings["batch_size"])
     _resolve_attack(settings, user)
-    given = [f for f in BN_DP_FLAGS if f in user]
+    # A value other than the one it would have anyway: a saved config.json (which holds every setting) rebuilds
+    given = [f for f in BN_DP_FLAGS if f in user and user[f] != unset.get(f)]
     if given and settings.get("norm") != "bn-dp":
         raise UserError(f"--{given[0].replace('_', '-')} sets how --norm bn-dp estimates its statistics; it needs "
                         f"--norm bn-dp, not {settings.get('norm')}")
