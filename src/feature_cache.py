@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from src.atomic_files import atomic_torch_save
+from src.progress import is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _compute(images, transform, key: FeatureKey, batch_size: int, progress: bool
     features = None  # one tensor filled in place: a list of batches and their concatenation would hold both
     with torch.no_grad(), tqdm(total=len(images), unit="img", desc=f"features {key.dataset} {key.split}",
                                disable=not progress, dynamic_ncols=True,
-                               mininterval=0.1 if _terminal(sys.stderr) else LOG_EVERY_SECONDS) as bar:
+                               mininterval=0.1 if is_terminal(sys.stderr) else LOG_EVERY_SECONDS) as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size].float().div_(255)
             part = transform(batch).float()
@@ -95,11 +96,6 @@ def _compute(images, transform, key: FeatureKey, batch_size: int, progress: bool
             features[start:start + len(batch)] = part
             bar.update(len(batch))
     return features
-
-
-def _terminal(stream) -> bool:
-    """A terminal redraws the bar in place; in a log file each redraw is another line, so it is rare there."""
-    return hasattr(stream, "isatty") and stream.isatty()
 
 
 def _load(path: Path, key: FeatureKey, count: int):

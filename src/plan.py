@@ -8,7 +8,7 @@ from __future__ import annotations
 from src.config import Config
 from src.engines import ENGINES
 from src.data import DatasetSpec
-from src.accounting import GDP_NOTE, plan_privacy
+from src.accounting import GDP_NOTE, bounded_epsilon, plan_privacy
 from src.atomic_files import json_safe
 
 
@@ -49,8 +49,6 @@ def dry_run_report(config: Config, spec: DatasetSpec) -> dict:
 def normalization_share(config: Config, plan) -> dict:
     """--norm bn-dp's release before training and what it costs: its epsilon alone, and DP-SGD's alone, beside
     the composed epsilon of the run (compositions are not sums: the parts add up to more than the whole)."""
-    from src.accounting import bounded_epsilon
-
     dp_sgd_alone = (bounded_epsilon(plan.accountant, [(plan.noise_multiplier, plan.sample_rate, plan.steps)],
                                     plan.delta) if plan.private else None)
     return {"norm": "bn-dp", "clip": config.model.norm_clip, "noise_multiplier": config.model.norm_noise,

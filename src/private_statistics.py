@@ -13,7 +13,6 @@ random stream draws its noise, and that it happens once.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +21,6 @@ import torch
 from dp_layers import dp_bn
 from src.distributed import Ranks, broadcast
 from src.feature_cache import split_features
-
-log = logging.getLogger(__name__)
 
 BATCH = 1024  # feature rows per step of the sums (CIFAR-10: 16 MB)
 

@@ -69,6 +69,11 @@ class RunShape:
     device: str = "cpu"
 
 
+def is_terminal(stream) -> bool:
+    """A terminal redraws a bar in place; in a file or a pipe each redraw would be another line."""
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
 class TrainingProgress:
     """The progress of one run's training, epoch after epoch (one object per run, so the measured speed
     carries over from epoch to epoch and an estimate is printed once)."""
@@ -82,7 +87,7 @@ class TrainingProgress:
         self.out = out or sys.stdout  # the estimate, beside the run line and the epoch lines
         self.log_every = log_every
         # live: a terminal shows tqdm's bar; otherwise (a file, a pipe) log lines every log_every seconds
-        self.live = (self.stream.isatty() if hasattr(self.stream, "isatty") else False) if live is None else live
+        self.live = is_terminal(self.stream) if live is None else live
         self.clock = clock
         self.epoch = 0
         self.done = 0.0  # examples this epoch

@@ -51,6 +51,13 @@ SCATTERING_RECIPE = {"optimizer": "sgd", "lr": 4.0, "momentum": 0.9, "clip": 0.1
 # --norm bn-dp's clipping bound of each example's per-channel feature means and means of squares (dp_layers.dp_bn),
 # per dataset: fixed in advance, chosen on a validation split (docs/models.md).
 BN_DP_CLIP = {"mnist": 0.5, "cifar10": 2.0}
+
+
+def scattering_recipe(dataset: str, **settings) -> dict:
+    """A ScatterNet family's defaults for ``dataset``: the shared recipe, bn-dp's bound, then its own ``settings``."""
+    return {**SCATTERING_RECIPE, "norm_clip": BN_DP_CLIP[dataset], **settings}
+
+
 END_TO_END_RECIPE = {"optimizer": "sgd", "momentum": 0.9, "clip": 0.1, "target_epsilon": 3.0, "norm": "none",
                      "act": "tanh", "augment": False, "augmult": 1, "ema": None, "ws": False,
                      "physical_batch_size": 256}
@@ -63,17 +70,13 @@ MODELS: Mapping[str, ModelFamily] = {family.name: family for family in (
     ModelFamily("scatternet-linear", "ScatterNet + linear: fixed wavelet scattering features (kymatio, J=2, L=8), "
                 "their normalization, a linear classifier (Tramer & Boneh 2021)", "src.models.scatternet",
                 datasets=("mnist", "cifar10"), norms=SCATTERING_NORMS, weight_standardization=False, norm_groups=True,
-                defaults={"mnist": {**SCATTERING_RECIPE, "batch_size": 4096, "epochs": 40,
-                                    "norm_clip": BN_DP_CLIP["mnist"]},
-                          "cifar10": {**SCATTERING_RECIPE, "batch_size": 8192, "epochs": 60,
-                                      "norm_clip": BN_DP_CLIP["cifar10"]}}),
+                defaults={"mnist": scattering_recipe("mnist", batch_size=4096, epochs=40),
+                          "cifar10": scattering_recipe("cifar10", batch_size=8192, epochs=60)}),
     ModelFamily("scatternet-cnn", "ScatterNet + CNN: the same features with Tramer & Boneh's small tanh CNN head",
                 "src.models.scatternet", datasets=("mnist", "cifar10"), norms=SCATTERING_NORMS,
                 weight_standardization=False, norm_groups=True,
-                defaults={"mnist": {**SCATTERING_RECIPE, "batch_size": 1024, "lr": 2.0, "epochs": 40,
-                                    "norm_clip": BN_DP_CLIP["mnist"]},
-                          "cifar10": {**SCATTERING_RECIPE, "batch_size": 8192, "epochs": 60,
-                                      "norm_clip": BN_DP_CLIP["cifar10"]}}),
+                defaults={"mnist": scattering_recipe("mnist", batch_size=1024, lr=2.0, epochs=40),
+                          "cifar10": scattering_recipe("cifar10", batch_size=8192, epochs=60)}),
     ModelFamily("cnn", "end-to-end tanh CNN of Tramer & Boneh 2021 (Papernot et al. 2021): 26k parameters for "
                 "mnist, 550k for cifar10", "src.models.cnn", datasets=("mnist", "cifar10"),
                 defaults={"mnist": {**END_TO_END_RECIPE, "batch_size": 512, "lr": 0.5, "epochs": 40},
