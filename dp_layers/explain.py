@@ -30,7 +30,7 @@ def layer_shapes(model: nn.Module, image_shape: tuple) -> dict:
     return shapes
 
 
-def _method(engine: str, module: nn.Module, input_shape: tuple) -> str:
+def _method(engine: str, module: nn.Module, input_shape: tuple, views: int = 1) -> str:
     if engine == "non-private":
         return "no per-sample gradients"
     if ENGINES[engine].per_sample_gradients:
@@ -40,8 +40,9 @@ def _method(engine: str, module: nn.Module, input_shape: tuple) -> str:
     if isinstance(module, nn.Linear):
         return "ghost norm ‖g‖·‖a‖"
     if isinstance(module, CONV_TYPES):
-        plan = conv_plan(module, input_shape)
-        return (f"{plan.method} (T={plan.positions}, d={plan.inputs_per_group}, p={plan.outputs_per_group}; "
+        plan = conv_plan(module, input_shape, views=views)  # the views are more positions: the run's choice
+        gram = ", shifted input Gram" if plan.method == "ghost" and plan.input_gram == "shifted" else ""
+        return (f"{plan.method}{gram} (T={plan.positions}, d={plan.inputs_per_group}, p={plan.outputs_per_group}; "
                 f"ghost {plan.ghost_cost:.3g} vs instantiate {plan.instantiate_cost:.3g} MACs/example)")
     return "per-sample gradient, then its norm (a few parameters per channel)"
 
@@ -78,7 +79,8 @@ def describe_layers(model: nn.Module, image_shape: tuple, engine: str,
         if params:
             input_shape, output_shape = shapes[name]
             row = {"layer": name, "type": type(module).__name__, "input": "x".join(map(str, input_shape)),
-                   "parameters": params, "method": _method(engine, module, input_shape)}
+                   "parameters": params,
+                   "method": _method(engine, module, input_shape, book_keeping.views if book_keeping else 1)}
             if engine == "bk" and book_keeping is not None:
                 row["kept"] = _kept(module, input_shape, output_shape, book_keeping)
             rows.append(row)

@@ -39,6 +39,7 @@ class WSConv2d(nn.Conv2d):
     """Conv2d whose filters are standardized (zero mean, unit variance over their fan-in) at every forward."""
 
     eps = EPS
+    ghost_needs_unfolded_input = True  # its ghost norm reads U itself, not U U^T alone (dp_layers.norm_rules)
 
     def standardization(self) -> tuple:
         """(w_hat, s): the standardized weight and each filter's scale, shaped (out, fan-in) and (out, 1)."""

@@ -286,3 +286,80 @@ def test_opacus_own_checker_accepts_our_layers(mode, norm):
         refresh_public_statistics(model, torch.rand(16, 1, 28, 28, dtype=torch.float64))
     x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
     assert check_per_sample_gradients_are_correct(x, model, grad_sample_mode=mode, atol=1e-9, rtol=1e-7)
+
+
+SHIFTED_GRAM_LAYERS = [
+    torch.nn.Conv2d(4, 6, 3, padding=1),
+    torch.nn.Conv2d(4, 6, 3, stride=2, padding=1),
+    torch.nn.Conv2d(4, 6, 3, dilation=2, padding=2),
+    torch.nn.Conv2d(4, 6, 3, groups=2, padding=1),
+    torch.nn.Conv2d(4, 6, (3, 2), padding=(1, 0)),
+    torch.nn.Conv2d(4, 6, 4, padding="same"),
+]
+
+
+@pytest.mark.parametrize("views", [1, 2])
+@pytest.mark.parametrize("layer", SHIFTED_GRAM_LAYERS, ids=lambda layer: repr(layer))
+def test_shifted_input_gram_equals_the_unfolded_one(layer, views):
+    """U U^T from the padded input's channel Gram summed over the kernel offsets equals the Gram of the unfolded
+    input, for strided, dilated, grouped, rectangular and 'same'-padded kernels, with augmult views as positions."""
+    from dp_layers.norm_rules import conv_factors, shifted_input_gram
+
+    torch.manual_seed(6)
+    layer = layer.double()
+    x = torch.randn(3 * views, 4, 7, 6, dtype=torch.float64)
+    backprops = torch.randn_like(layer(x))
+    u, _ = conv_factors(layer, x, backprops, views=views)
+    expected = torch.einsum("bgdt,bgds->bgts", u, u)
+    got = shifted_input_gram(layer, x, views)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_every_engine_is_exact_on_convolutions_that_use_shifted_grams(views):
+    """A model whose convolutions the mixed rule ghosts from shifted Grams (as ScatterNet + CNN's): mixed-ghost's
+    and bk's per-sample norms equal brute force, with and without augmult views."""
+    from dp_layers.norm_rules import conv_plan
+
+    torch.manual_seed(7)
+    first, second = torch.nn.Conv2d(96, 32, 3, padding=1), torch.nn.Conv2d(32, 32, 3, padding=1)
+    for layer, shape in ((first, (96, 4, 4)), (second, (32, 4, 4))):
+        plan = conv_plan(layer, shape, views=views)
+        assert (plan.method, plan.input_gram) == ("ghost", "shifted"), plan
+    model = torch.nn.Sequential(first, torch.nn.Tanh(), second, torch.nn.Tanh(), _Reshape(32 * 16),
+                                torch.nn.Linear(32 * 16, 10)).double()
+    images = torch.rand(3 * views, 96, 4, 4, dtype=torch.float64)
+    labels = torch.randint(0, 10, (3,)).repeat_interleave(views)
+    assert_exact_norms(("mixed-ghost", "bk"), model, images, labels, f"shifted grams, {views} views", views)
+
+
+def test_per_sample_conv2d_weights_in_chunks_equal_one_call_per_row(monkeypatch):
+    """The grouped convolution runs in chunks (oneDNN slows 30x past some number of groups); rows split across
+    chunks, and a last short chunk, still get their own gradient."""
+    from dp_layers import norm_rules
+
+    monkeypatch.setattr(norm_rules, "GROUPED_ROWS", 3)
+    torch.manual_seed(8)
+    layer = torch.nn.Conv2d(5, 4, 3, stride=2, padding=1).double()
+    x = torch.randn(7, 5, 9, 9, dtype=torch.float64)
+    backprops = torch.randn_like(layer(x))
+    got = norm_rules.per_sample_conv2d_weight(layer, x, backprops)
+    expected = torch.stack([torch.nn.grad.conv2d_weight(x[i:i + 1], layer.weight.shape, backprops[i:i + 1],
+                                                        stride=2, padding=1) for i in range(7)])
+    assert norm_rules.grouped_rows(5) == 3
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+    assert norm_rules.per_sample_conv2d_weight(layer, x[:0], backprops[:0]).shape == (0, *layer.weight.shape)
+
+
+def test_scatternet_cnn_convolutions_on_cifar10_features_are_ghosted_from_shifted_grams():
+    """The choice that makes ScatterNet + CNN's CIFAR-10 step fast on a CPU (docs/engines.md): its 243 -> 64
+    convolution on 8x8 maps costs 2.7M multiply-adds per example this way, against 9M instantiated."""
+    from dp_layers.norm_rules import conv_plan
+    from src.models.scatternet import cnn_head
+
+    head = cnn_head((243, 8, 8), 10)
+    for layer, shape in ((head[0], (243, 8, 8)), (head[3], (64, 4, 4))):
+        plan = conv_plan(layer, shape)
+        assert (plan.method, plan.input_gram) == ("ghost", "shifted"), plan
+        assert plan.ghost_cost < plan.instantiate_cost / 3
