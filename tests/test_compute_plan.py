@@ -1,0 +1,41 @@
+"""experiments.compute_plan: a plan's runs are counted from its sweep files, and a plan over budget is refused."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from experiments.compute_plan import load_plan, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_committed_cpu_results_plan_loads_and_fits_its_budget(monkeypatch):
+    """Every sweep the plan names exists and parses; its total is within its budget."""
+    monkeypatch.chdir(ROOT)
+    plan = load_plan("experiments/plans/cpu_results.yaml")
+    assert plan.budget_hours == 15
+    assert 0 < plan.hours() <= plan.budget_hours
+    assert [stage.name for stage in plan.stages][:2] == ["mnist-tune", "cifar10-tune"]
+
+
+def _write(tmp_path: Path, budget: float) -> Path:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "dataset": "mnist", "grid": {"lr": [1.0, 2.0, 4.0]},
+                                     "fixed": {"model": "scatternet-cnn"}}))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"name": "p", "budget_hours": budget, "stages": [
+        {"name": "tune", "sweeps": [str(sweep)], "minutes_per_run": {"scatternet-cnn": 20}},
+        {"name": "final", "runs": {"scatternet-cnn": 3, "default": 1}, "minutes_per_run": {"scatternet-cnn": 20,
+                                                                                            "default": 60}}]}))
+    return plan
+
+
+def test_runs_are_counted_from_the_sweeps_and_a_plan_over_budget_is_refused(tmp_path, capsys):
+    plan = load_plan(_write(tmp_path, budget=3))
+    assert dict(plan.stages[0].runs()) == {"scatternet-cnn": 3}
+    assert plan.hours() == (3 * 20 + 3 * 20 + 60) / 60
+    assert main([str(_write(tmp_path, budget=3))]) == 0
+    assert "total 3.00 h of a budget of 3 h" in capsys.readouterr().out
+    assert main([str(_write(tmp_path, budget=2.5))]) == 2
+    assert "over its budget" in capsys.readouterr().err
