@@ -11,7 +11,7 @@ the dataset's default model under the key ``default``), and ``basis`` says how i
 are counted from the sweep files themselves, so the plan does not repeat them.
 
 It prints the stages as a table (runs, minutes each, hours), the total against the budget, and with ``--out``
-how many of each stage's runs are done. A plan over its budget is refused (exit 2).
+how many of each stage's runs are done and the hours they took. A plan over its budget is refused (exit 2).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import yaml
 from experiments.run import DONE_STATES, run_state
 from experiments.sweep import Sweep, load_sweep
 from src.errors import UserError
+from src.run_directory import RunDirectory
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,17 @@ class Stage:
         """How many of its sweeps' runs have finished (or diverged) under ``out``."""
         return sum(run_state(out / sweep.name / point.run_id) in DONE_STATES
                    for sweep in self.sweeps for point in sweep.points())
+
+    def spent_hours(self, out: Path) -> float:
+        """The wall time its sweeps' runs under ``out`` have taken so far (a resumed run's time adds up over its
+        attempts: the summary's ``wall_seconds``)."""
+        seconds = 0.0
+        for sweep in self.sweeps:
+            for point in sweep.points():
+                run = RunDirectory(out / sweep.name / point.run_id)
+                if run_state(run.path) not in ("missing", "unreadable"):  # unreadable: no summary written yet
+                    seconds += run.read_summary().wall_seconds or 0.0
+        return seconds / 3600
 
 
 @dataclass(frozen=True)
@@ -91,8 +103,8 @@ def load_plan(path) -> ComputePlan:
 def table(plan: ComputePlan, out: Path = None) -> str:
     """The plan as a markdown table, one row per stage, and its total against the budget."""
     lines = [f"{plan.name}: {plan.machine}", "",
-             "| stage | runs | minutes per run | hours |" + (" done |" if out else ""),
-             "| --- | --- | --- | --- |" + (" --- |" if out else "")]
+             "| stage | runs | minutes per run | hours |" + (" done | hours spent |" if out else ""),
+             "| --- | --- | --- | --- |" + (" --- | --- |" if out else "")]
     for stage in plan.stages:
         runs = stage.runs()
         what = ", ".join(f"{n} {model}" for model, n in runs.items())
@@ -100,7 +112,8 @@ def table(plan: ComputePlan, out: Path = None) -> str:
         row = f"| {stage.name} | {what} | {minutes} | {stage.hours():.2f} |"
         if out:
             planned = sum(len(s.points()) for s in stage.sweeps)
-            row += f" {stage.done(out)}/{planned} |" if planned else " sweep not written yet |"
+            row += (f" {stage.done(out)}/{planned} | {stage.spent_hours(out):.2f} |" if planned
+                    else " sweep not written yet | |")
         lines.append(row)
     lines += ["", f"total {plan.hours():.2f} h of a budget of {plan.budget_hours:g} h"]
     return "\n".join(lines)
@@ -109,7 +122,7 @@ def table(plan: ComputePlan, out: Path = None) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.compute_plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", type=Path)
-    parser.add_argument("--out", type=Path, help="runs folder: also count each stage's finished runs")
+    parser.add_argument("--out", type=Path, help="runs folder: also count each stage's finished runs and their hours")
     args = parser.parse_args(argv)
     try:
         plan = load_plan(args.plan)

@@ -39,3 +39,18 @@ def test_runs_are_counted_from_the_sweeps_and_a_plan_over_budget_is_refused(tmp_
     assert "total 3.00 h of a budget of 3 h" in capsys.readouterr().out
     assert main([str(_write(tmp_path, budget=2.5))]) == 2
     assert "over its budget" in capsys.readouterr().err
+
+
+def test_progress_counts_finished_runs_and_their_hours(tmp_path, capsys):
+    """With --out, a stage shows its finished runs and the wall time its runs have taken (from their summaries)."""
+    import json
+
+    plan = _write(tmp_path, budget=3)
+    for run_id, status, seconds in (("lr-1.0", "finished", 1800.0), ("lr-2.0", "running", 900.0)):
+        folder = tmp_path / "runs" / "s" / run_id
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"run_id": run_id, "status": status,
+                                                         "wall_seconds": seconds}))
+    assert main([str(plan), "--out", str(tmp_path / "runs")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| tune"))
+    assert row.endswith("| 1/3 | 0.75 |")
