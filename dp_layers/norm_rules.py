@@ -268,15 +268,14 @@ def conv_weight_norms(layer: nn.Module, plan: ConvPlan, x: torch.Tensor, backpro
                       views: int = 1) -> tuple:
     """(per-sample Frobenius norms of the weight gradient, the per-sample gradients (B, *weight.shape) if the
     plan instantiated them, else None). ``backprops`` are each view's share of its example's gradient."""
-    if plan.method == "ghost" and plan.input_gram == "shifted":
-        input_gram = shifted_input_gram(layer, x, views)
-        g = views_as_positions(backprops.reshape(*backprops.shape[:1], layer.groups, -1, backprops[0, 0].numel()),
-                               views)
-        output_gram = torch.einsum("bgpt,bgps->bgts", g, g)
-        return (input_gram * output_gram).sum(dim=(1, 2, 3)).clamp(min=0).sqrt(), None
     if plan.method == "ghost":
-        u, g = conv_factors(layer, x, backprops, views=views)
-        input_gram = torch.einsum("bgdt,bgds->bgts", u, u)
+        if plan.input_gram == "shifted":
+            input_gram = shifted_input_gram(layer, x, views)
+            g = views_as_positions(backprops.reshape(len(backprops), layer.groups, -1,
+                                                     math.prod(backprops.shape[2:])), views)
+        else:
+            u, g = conv_factors(layer, x, backprops, views=views)
+            input_gram = torch.einsum("bgdt,bgds->bgts", u, u)
         output_gram = torch.einsum("bgpt,bgps->bgts", g, g)
         return (input_gram * output_gram).sum(dim=(1, 2, 3)).clamp(min=0).sqrt(), None
     per_sample = instantiate_conv_weight(layer, x, backprops, views)

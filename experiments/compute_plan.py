@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
-import yaml
-
 from experiments.run import DONE_STATES, run_state
-from experiments.sweep import Sweep, load_sweep
+from experiments.sweep import Sweep, load_sweep, read_yaml
 from src.errors import UserError
 from src.run_directory import RunDirectory
 
@@ -83,10 +81,7 @@ class ComputePlan:
 def load_plan(path) -> ComputePlan:
     """Read a plan and the sweep files it names (relative to the repository root, as the runner takes them)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"plan file {path} does not exist") from None
+    raw = read_yaml(path, "plan")
     if not isinstance(raw, dict) or not all(k in raw for k in ("name", "budget_hours", "stages")):
         raise UserError(f"plan file {path} must be a mapping with name, budget_hours and stages")
     stages = []

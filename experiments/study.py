@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
-import yaml
 
 from experiments.run import add_runner_arguments, run_state, run_sweep
-from experiments.sweep import FORBIDDEN, GridPoint, Sweep, _run_id, point_flags
+from experiments.sweep import FORBIDDEN, GridPoint, Sweep, _run_id, point_flags, read_yaml
 from src.atomic_files import atomic_write_json
 from src.errors import UserError
 from src.run_directory import RunDirectory, runs_in
@@ -170,10 +169,7 @@ def run_study(study: Study, *, out: Path, jobs: int, wandb_mode: str = "offline"
 
 def load_study(path) -> Study:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise UserError(f"study file {path}: {str(error).splitlines()[0]}") from None
+    raw = read_yaml(path, "study")
     missing = [k for k in ("name", "dataset", "cells", "tune", "seeds") if not isinstance(raw, dict) or k not in raw]
     if missing:
         raise UserError(f"study file {path} lacks {', '.join(missing)}")

@@ -88,15 +88,21 @@ def _run_id(values: Dict[str, Any]) -> str:
 FORBIDDEN = {"dataset", "out", "run-id", "wandb-group"}  # the runner sets these itself
 
 
+def read_yaml(path: Path, kind: str):
+    """The contents of an experiment file (sweep, study, plan); a missing or malformed one is a one-line
+    UserError naming its ``kind``."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{kind} file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{kind} file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+
+
 def load_sweep(path) -> Sweep:
     """Read and check a sweep file; problems are one-line UserErrors."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"sweep file {path} does not exist") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"sweep file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    raw = read_yaml(path, "sweep")
     if not isinstance(raw, dict):
         raise UserError(f"sweep file {path} must be a mapping with name, dataset, grid and fixed")
     missing = [k for k in ("name", "dataset", "grid") if k not in raw]
