@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
-
 from experiments.run import add_runner_arguments, run_state, run_sweep
 from experiments.sweep import FORBIDDEN, GridPoint, Sweep, _run_id, point_flags, read_yaml
 from src.atomic_files import atomic_write_json
