@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Mapping, Optional
 
 from attacks.defaults import ATTACKS, EVAL_ATTACKS, PGD_NORMS, default_alpha
@@ -65,10 +66,11 @@ def _number(text: str) -> float:
 
 
 def _radius(text: str):
-    """A number, or a dataset's named radius (resolved with the dataset's defaults)."""
+    """A number, a fraction as radii are written (``8/255``), or a dataset's named radius (resolved with the
+    dataset's defaults)."""
     try:
-        return float(text)
-    except ValueError:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
         if text.replace("-", "").isalpha():
             return text
         raise argparse.ArgumentTypeError(f"expected a number or a radius name, got {text!r}") from None
@@ -222,7 +224,7 @@ class RobustConfig:
     attack: str = setting("pgd", choices=ATTACKS, help="training attack (fgsm-rs is one step)")
     pgd_norm: str = setting("linf", choices=PGD_NORMS, help="threat model of training and evaluation")
     pgd_eps: float = setting(parse=_radius, metavar="EPS|NAME",
-                             help="attack radius in [0,1] pixel units, or a name: study (the CS523 study's 0.03), "
+                             help="attack radius in [0,1] pixel units (a number, or a fraction: 2/255), or a name: study (the CS523 study's 0.03), "
                                   "literature (mnist 0.3, cifar10 8/255), dp-literature (mnist 0.1)")
     pgd_alpha: float = setting(None, default_text="2.5 eps/steps; fgsm-rs 1.25 eps", help="training attack step")
     pgd_steps: int = setting(help="training PGD steps")

@@ -39,6 +39,17 @@ def test_the_parser_keeps_none_so_user_settings_are_distinguishable():
     assert all(args[name] is None for name in SETTINGS if name != "dataset")
 
 
+def test_a_radius_is_written_as_a_number_a_fraction_or_a_name():
+    """--pgd-eps 2/255 as papers write it; a malformed fraction is refused by the parser, not read as a name."""
+    parse = build_parser().parse_args
+    assert parse(["--pgd-eps", "2/255"]).pgd_eps == pytest.approx(2 / 255)
+    assert parse(["--pgd-eps", "0.1"]).pgd_eps == 0.1
+    assert parse(["--pgd-eps", "literature"]).pgd_eps == "literature"
+    for bad in ("2/0", "2/x"):
+        with pytest.raises(SystemExit):
+            parse(["--pgd-eps", bad])
+
+
 def test_a_switch_a_dataset_turns_on_can_be_turned_off_on_the_command_line_and_in_sweeps():
     """cifar10 turns the recipe's switches on by default: --no-NAME must reach the config as off, and a sweep
     point that sets the switch false must say --no-NAME (leaving it out would get the dataset's on)."""
