@@ -112,6 +112,22 @@ def test_sweep_files_expand_to_named_points():
     assert load_sweep(REPO / "experiments" / "sweeps" / "cifar10_study.yaml").dataset == "cifar10"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_committed_sweep_point_is_a_valid_command(path):
+    """A flag misspelt or a combination vision.py refuses fails here, not hours into a compute plan. A study
+    file (``cells``) is checked through its tuning stage, whose points carry every cell's flags."""
+    from experiments.study import load_study, tune_stage
+    from src.cli import parse_flags
+    from src.config import build_config
+    from src.datasets import get_dataset, validate_for_dataset
+
+    sweep = tune_stage(load_study(path)) if "cells" in yaml.safe_load(path.read_text()) else load_sweep(path)
+    spec = get_dataset(sweep.dataset)
+    for point in sweep.points():
+        flags, _ = parse_flags(["--dataset", sweep.dataset, *point.argv()])
+        validate_for_dataset(build_config(flags, spec.defaults), spec)
+
+
 def test_wandb_spec_is_the_same_grid_and_its_entry_point_applies_the_same_rule():
     sweep = load_sweep(REPO / "experiments" / "sweeps" / "mnist_study.yaml")
     spec = yaml.safe_load(yaml.safe_dump(wandb_sweep_spec(sweep)))
