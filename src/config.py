@@ -136,6 +136,11 @@ class ModelConfig:
     ws: bool = setting(False, help="weight-standardized convolutions (Qiao et al. 2019; with --norm group, the "
                                    "ResNet of De et al. 2022); every engine clips the raw weight's exact "
                                    "per-sample gradient")
+    compile_scattering: bool = setting(False, help="scatternet models: run the scattering's gradient passes "
+                                                   "(attacks, robust training) through torch.compile: 1.4-1.6x "
+                                                   "on a CPU, after 5-7 minutes of compiling once per machine "
+                                                   "(about 1 once cached; docs/models.md); --eval-only keeps "
+                                                   "the trained run's or turns it on")
 
 
 @dataclass(frozen=True, kw_only=True)

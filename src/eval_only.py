@@ -28,7 +28,7 @@ def run_eval_only(config: Config, spec: DatasetSpec, source_run: str) -> Evaluat
     check_eval_only(config)
     device = resolve_device(config.train.device)
     check_wandb_mode(config.output.wandb)
-    model = load_run_model(source_run, spec, device)
+    model = load_run_model(source_run, spec, device, compile_scattering=config.model.compile_scattering)
     robust = config.robust
     transfer_source = load_run_model(robust.transfer_from, spec, device) if robust.transfer_from else None
     data = spec.load(config.data, False)  # bn-public statistics are buffers saved in model.pt

@@ -464,8 +464,10 @@ def _evaluate(session: RunSession, model: torch.nn.Module, refresh_public: Optio
     return result
 
 
-def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device) -> torch.nn.Module:
-    """The saved model of a finished run directory (its config.json says how to build it)."""
+def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device,
+                   compile_scattering: bool = False) -> torch.nn.Module:
+    """The saved model of a finished run directory (its config.json says how to build it; ``compile_scattering``
+    turns the compiled scattering on where the run had it off: it changes the speed, not the model)."""
     run_dir = RunDirectory(Path(run_path))
     try:
         record = run_dir.read_config()
@@ -478,7 +480,10 @@ def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device) -> to
     dataset = record.get("data", {}).get("dataset")
     if dataset != spec.name:
         raise UserError(f"the run in {run_path} trained on {dataset!r}, not --dataset {spec.name}")
-    model = spec.build_model(ModelConfig(**record["model"])).to(device)
+    model_config = ModelConfig(**record["model"])
+    if compile_scattering:
+        model_config = dataclasses.replace(model_config, compile_scattering=True)
+    model = spec.build_model(model_config).to(device)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

@@ -67,6 +67,7 @@ def test_a_models_defaults_replace_the_datasets_and_flags_replace_both():
     ({"model": "scatternet-linear", "norm": "instance"}, "--norm instance is not available for --model "
                                                          "scatternet-linear; choose from none, group, bn-public"),
     ({"model": "scatternet-cnn", "ws": True}, "--ws is not available"),
+    ({"model": "lenet5", "compile_scattering": True}, "--compile-scattering is not available for --model lenet5"),
     ({"model": "lenet5", "norm": "group", "norm_groups": 2}, "--norm-groups is not available for --model lenet5"),
     ({"model": "scatternet-linear", "norm": "none", "norm_groups": 3}, "it needs --norm group"),
     ({"model": "scatternet-linear", "norm": "group", "norm_groups": 4}, "--norm-groups 4 does not divide the 81"),

@@ -100,6 +100,12 @@ def test_a_scatternet_run_trains_saves_and_reloads(tiny_root, tmp_path):
     model = spec.build_model(build_config({"dataset": "mnist", **config["model"]}, spec.defaults).model)
     model.load_state_dict(torch.load(tmp_path / "sc" / "model.pt", weights_only=True), strict=True)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    # --eval-only keeps the run's uncompiled scattering, or compiles it when asked (src.eval_only)
+    from src.train import load_run_model
+
+    cpu = torch.device("cpu")
+    assert not load_run_model(str(tmp_path / "sc"), spec, cpu).scattering.compiled
+    assert load_run_model(str(tmp_path / "sc"), spec, cpu, compile_scattering=True).scattering.compiled
 
 
 def test_the_scattering_benchmark_measures_both_directions():
@@ -121,3 +127,63 @@ def test_public_statistics_of_fixed_features_are_computed_once(monkeypatch):
         for _ in range(3):
             refresh()
     assert calls == ["ScatterNet", "LeNet5", "LeNet5", "LeNet5"]
+
+
+def test_compile_scattering_compiles_only_the_passes_that_are_differentiated(monkeypatch):
+    """--compile-scattering: attacks and robust training (grad enabled, pixels requiring it) go through the
+    compiled transform; clean features and evaluation stay eager. The compiled function is stood in for here;
+    the next test compiles for real."""
+    from src.models import scatternet
+
+    calls = []
+
+    def fake_compiled(transform, x):
+        calls.append(x.shape[0])
+        return transform(x)
+
+    monkeypatch.setattr(scatternet, "compiled_apply", lambda: fake_compiled)
+    spec = SPECS["mnist"]
+    config = build_config({"dataset": "mnist", "model": "scatternet-linear", "norm": "group",
+                           "compile_scattering": True}, spec.defaults)
+    model = spec.build_model(config.model)
+    x = torch.rand(3, *spec.image_shape)
+    with torch.no_grad():
+        model(x)
+    model(x)  # grad enabled, but the pixels do not require it: the clean forward of training
+    assert calls == []
+    pixels = x.clone().requires_grad_(True)
+    model(pixels).sum().backward()
+    assert calls == [3] and pixels.grad is not None and pixels.grad.abs().sum() > 0
+    eager = build_config({"dataset": "mnist", "model": "scatternet-linear", "norm": "group"}, spec.defaults)
+    spec.build_model(eager.model)(x.clone().requires_grad_(True)).sum().backward()
+    assert calls == [3]  # off by default
+
+
+@pytest.mark.slow
+def test_the_compiled_scattering_equals_kymatios_forward_and_backward():
+    """The compiled path on a small kymatio transform (J=1, L=2, 8x8 images: the same code, a graph small enough
+    to compile in seconds): coefficients and pixel gradients within 1e-5 of eager kymatio, across batch sizes
+    (Poisson batches vary) without a recompile per size, and for a copy of the module (the weight average's)."""
+    import copy
+
+    import torch._dynamo
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    from src.models.scatternet import compiled_apply
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_apply.cache_clear()
+    transform = ScatteringTorch2D(J=1, shape=(8, 8), L=2, max_order=2)
+    torch.manual_seed(0)
+    for module, batch in ((transform, 5), (transform, 7), (copy.deepcopy(transform), 3)):
+        x = torch.rand(batch, 2, 8, 8, requires_grad=True)
+        weights = torch.randn_like(module(x))
+        (module(x) * weights).sum().backward()
+        eager_grad, x.grad = x.grad.clone(), None
+        out = compiled_apply()(module, x)
+        (out * weights).sum().backward()
+        assert torch.allclose(out, module(x), atol=1e-5, rtol=0)
+        assert torch.allclose(x.grad, eager_grad, atol=1e-5, rtol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every size and copy
+    compiled_apply.cache_clear()

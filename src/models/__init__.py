@@ -122,6 +122,8 @@ def check_model(config, spec) -> None:
         if config.model.norm_groups < 1 or channels % config.model.norm_groups:
             raise UserError(f"--norm-groups {config.model.norm_groups} does not divide the {channels} scattering "
                             f"channels of {spec.name}")
+    if config.model.compile_scattering and family.module != "src.models.scatternet":
+        raise UserError(f"--compile-scattering is not available for --model {family.name}: it has no scattering")
     if config.model.ws and not family.weight_standardization:
         raise UserError(f"--ws is not available for --model {family.name}: it has no trained convolution to "
                         "standardize")
