@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 ATTACKS = ("pgd", "fgsm-rs")
-EVAL_ATTACKS = ("pgd", "autoattack")  # robust evaluation: PGD (--eval-pgd-*) or AutoAttack's standard version
+# robust evaluation: PGD (--eval-pgd-*), AutoAttack's standard version, or its white-box pair (attacks.autoattack)
+EVAL_ATTACKS = ("pgd", "autoattack", "apgd")
+ENSEMBLES = ("autoattack", "apgd")  # the evaluation attacks with their own budgets and restarts
 PGD_NORMS = ("linf", "l2")
 
 

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from attacks.defaults import ENSEMBLES
+
 
 _TINY = 1e-10  # keeps the L2 step finite where an input gradient is exactly zero (as torchattacks does)
 
@@ -40,7 +42,9 @@ class AttackSpec:
 
     def describe(self) -> str:
         if self.method == "autoattack":
-            return f"AutoAttack (standard) {self.norm} eps {self.eps:g}"
+            return f"AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square) {self.norm} eps {self.eps:g}"
+        if self.method == "apgd":
+            return f"APGD-CE + APGD-T (AutoAttack's white-box pair) {self.norm} eps {self.eps:g}"
         if self.method == "fgsm-rs":
             return f"FGSM-RS linf eps {self.eps:g} (step {self.alpha:g})"
         restarts = f", {self.restarts} restarts" if self.restarts > 1 else ""
@@ -135,13 +139,13 @@ def perturb(model, images: torch.Tensor, labels: torch.Tensor, spec: AttackSpec,
     the highest loss). An empty batch is returned as is."""
     if len(images) == 0:
         return images.detach().clone()
-    if spec.method == "autoattack":  # its own restarts and ensemble (attacks.autoattack)
+    if spec.method in ENSEMBLES:  # their own restarts and budgets (attacks.autoattack)
         from attacks.autoattack import autoattack
 
         with torch.no_grad():
             n_classes = model(images[:1]).shape[1]
         return autoattack(model, images, labels, norm=spec.norm, eps=spec.eps, n_classes=n_classes,
-                          generator=generator)
+                          generator=generator, version=spec.method)
     attack = fgsm_rs if spec.method == "fgsm-rs" else pgd_once
     best = attack(model, images, labels, spec, start=start, generator=generator)
     if spec.restarts <= 1 or (not spec.random_start and spec.method == "pgd"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping, Optional
 
-from attacks.defaults import ATTACKS, EVAL_ATTACKS, PGD_NORMS, default_alpha
+from attacks.defaults import ATTACKS, ENSEMBLES, EVAL_ATTACKS, PGD_NORMS, default_alpha
 from dp_layers.norms import NORM_KINDS
 from src.engines import BK_KEEP_POLICIES, ENGINE_NAMES
 from src.errors import UserError
@@ -236,8 +236,9 @@ class RobustConfig:
     pgd_restarts: int = setting(1, help="training PGD random restarts (worst case kept)")
     adv_ratio: float = setting(1.0, help="fraction of each batch made adversarial")
     eval_attack: str = setting("pgd", choices=EVAL_ATTACKS,
-                               help="robust evaluation attack at the same radius and norm: PGD (--eval-pgd-*), or "
-                                    "AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square; torchattacks)")
+                               help="robust evaluation attack at the same radius and norm: PGD (--eval-pgd-*), "
+                                    "AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square, with the "
+                                    "paper's 100 iterations), or apgd: its first two attacks only (a CPU's budget)")
     eval_pgd_steps: int = setting(40, help="robust evaluation PGD steps")
     eval_pgd_restarts: int = setting(1, help="robust evaluation restarts")
     eval_pgd_alpha: float = setting(None, default_text="2.5 eps/steps", help="robust evaluation step")
@@ -261,8 +262,8 @@ class RobustConfig:
         """The attack robust accuracy is measured with (``--eval-attack``)."""
         from attacks.pgd import AttackSpec
 
-        if self.eval_attack == "autoattack":
-            return AttackSpec(method="autoattack", norm=self.pgd_norm, eps=self.pgd_eps, alpha=0.0, steps=0,
+        if self.eval_attack in ENSEMBLES:
+            return AttackSpec(method=self.eval_attack, norm=self.pgd_norm, eps=self.pgd_eps, alpha=0.0, steps=0,
                               restarts=1)
         return self.eval_pgd_spec()
 

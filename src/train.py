@@ -20,6 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from attacks.adversarial import AdversarialBatches
+from attacks.defaults import ENSEMBLES
 from attacks.robust_eval import masking_checks, robust_accuracy
 from dp_layers.dp_bn import ReleasedStatistics, copy_statistics
 from src.augment import AugmentedViews
@@ -494,15 +495,15 @@ def load_run_model(run_path: str, spec: DatasetSpec, device: torch.device,
 def run_masking_checks(model, test_set, config: Config, device: torch.device, seed: int,
                        robust_acc: Optional[float], transfer_source=None) -> dict:
     """The gradient-masking report (``attacks.robust_eval.masking_checks``), always on the evaluation PGD, whose
-    steps, restarts and radius it varies; with ``--eval-attack autoattack`` the AutoAttack accuracy is recorded
+    steps, restarts and radius it varies; with ``--eval-attack autoattack`` (or ``apgd``) that accuracy is recorded
     beside it (a PGD accuracy far above AutoAttack's is itself a sign of masking)."""
     robust = config.robust
-    with_autoattack = robust.eval_attack == "autoattack"
+    with_autoattack = robust.eval_attack in ENSEMBLES
     report = masking_checks(model, test_set, robust.eval_pgd_spec(), size=robust.eval_robust_size,
                             batch_size=config.train.eval_batch_size, device=device, seed=seed,
                             source=transfer_source, baseline=None if with_autoattack else robust_acc)
     if with_autoattack:
-        report["autoattack_robust_acc"] = robust_acc
+        report[f"{robust.eval_attack}_robust_acc"] = robust_acc
     if transfer_source is not None:
         report["transfer"]["source_run"] = robust.transfer_from
     curve = ", ".join(f"{p['eps']:g}: {p['robust_acc']:.1f}%" for p in report["radius_curve"])

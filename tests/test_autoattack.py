@@ -1,6 +1,7 @@
-"""--eval-attack autoattack: torchattacks' AutoAttack (standard) on the plain model, seeded from the evaluation
-stream without touching the global random state, reported next to PGD; it sees through gradient masking that
-PGD does not, and works with --eval-only and the masking checks."""
+"""--eval-attack autoattack: AutoAttack's standard version from torchattacks' parts with the paper's budgets, on
+the plain model, seeded from the evaluation stream without touching the global random state, reported next to
+PGD; it sees through gradient masking that PGD does not, and works with --eval-only and the masking checks.
+--eval-attack apgd: its white-box pair, which does not."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from attacks.autoattack import ensemble
 from attacks.pgd import AttackSpec
 from attacks.robust_eval import robust_accuracy
 from src.data import ImageTensorDataset
@@ -58,6 +60,39 @@ def test_autoattack_sees_through_gradient_masking_that_stalls_pgd():
     assert auto < pgd - 40, f"AutoAttack's Square attack should break the masked model ({auto}% vs PGD {pgd}%)"
 
 
+def test_the_ensembles_have_the_papers_budgets():
+    """Croce and Hein's standard version: 100 iterations of APGD-CE, APGD-T and FAB-T (9 target classes each),
+    then 5000 Square queries. torchattacks' own AutoAttack runs 10 iterations, so building it that way fails."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 10))
+    standard = ensemble(model, "autoattack", norm="linf", eps=0.1, n_classes=10, seed=0).attacks
+    assert [type(a).__name__ for a in standard] == ["APGD", "APGDT", "FAB", "Square"]
+    apgd_ce, apgd_t, fab_t, square = standard
+    assert apgd_ce.loss == "ce" and apgd_ce.steps == apgd_t.steps == fab_t.steps == 100
+    assert apgd_t.n_target_classes == fab_t.n_target_classes == 9 and fab_t.multi_targeted
+    assert square.n_queries == 5000
+    assert all(a.n_restarts == 1 and a.eps == 0.1 and a.norm == "Linf" for a in standard)
+    pair = ensemble(model, "apgd", norm="l2", eps=0.5, n_classes=10, seed=0).attacks
+    assert [type(a).__name__ for a in pair] == ["APGD", "APGDT"] and pair[0].norm == "L2"
+
+
+def test_the_white_box_pair_is_as_strong_as_pgd_but_does_not_see_through_masking():
+    """``apgd`` on a plain linear model reaches what PGD-40 does (or lower); on the masked one it stalls as PGD
+    does: only the ensemble's black-box Square breaks it, which is why a result names the attack that ran."""
+    labels = np.random.default_rng(0).integers(0, 10, 60)
+    images = torch.from_numpy(class_patterns(labels, 28, 28, 1, seed=1)).permute(0, 3, 1, 2).contiguous()
+    data = ImageTensorDataset(images, torch.from_numpy(labels))
+    x, y = data.__getitems__(range(60))
+    linear = _fitted(x, y)
+    cpu = torch.device("cpu")
+    common = dict(size=60, batch_size=60, device=cpu, seed=0)
+    plain = nn.Sequential(nn.Flatten(), linear).eval()
+    pgd = robust_accuracy(plain, data, AttackSpec(method="pgd", eps=0.1, alpha=0.01, steps=40), **common)
+    pair = robust_accuracy(plain, data, AttackSpec(method="apgd", eps=0.1, alpha=0.0, steps=0), **common)
+    assert pair <= pgd + 100 / 60, (pair, pgd)
+    assert robust_accuracy(Masked(linear).eval(), data, AttackSpec(method="apgd", eps=0.3, alpha=0.0, steps=0),
+                           **common) > 80
+
+
 @pytest.mark.slow
 def test_eval_only_with_autoattack_and_masking_checks(tiny_root, tmp_path):
     common = ["--dataset", "mnist", "--data-root", tiny_root, "--wandb", "disabled", "--out", tmp_path]
@@ -68,7 +103,7 @@ def test_eval_only_with_autoattack_and_masking_checks(tiny_root, tmp_path):
                         "--eval-robust-size", 30, "--masking-checks", "--run-id", "aa", "--seed", 0, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     summary = json.loads((tmp_path / "aa" / "summary.json").read_text())
-    assert summary["eval_attack"]["method"] == "autoattack" and "AutoAttack (standard)" in evaluated.stdout
+    assert summary["eval_attack"]["method"] == "autoattack" and "AutoAttack (standard:" in evaluated.stdout
     checks = summary["masking_checks"]
     assert checks["autoattack_robust_acc"] == summary["robust_acc"]
     pgd = run_cli(*common, "--eval-only", tmp_path / "model", "--eval-robust-size", 30, "--run-id", "pgd",
