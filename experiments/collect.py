@@ -21,11 +21,12 @@ from src.atomic_files import atomic_write_text
 from src.run_directory import RunDirectory, runs_in
 
 COLUMNS = ["sweep", "run_id", "status", "dataset", "model", "norm", "norm_clip", "norm_noise", "act", "engine", "robust", "attack", "training",
-           "pgd_eps", "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta", "n_train",
+           "pgd_eps", "target_epsilon", "noise_multiplier", "clip", "batch_size", "lr", "seed", "accountant", "delta",
+           "n_train", "wall_seconds",
            "public_size", "epoch", "step", "epsilon", "val_loss", "val_acc", "test_loss", "test_acc", "robust_acc",
            "val_acc_ema", "test_acc_ema", "robust_acc_ema", "seconds",
            "autoattack_acc"]  # *_ema: the averaged weights of --ema runs
-# autoattack_acc: from --evaluations, on the last epoch's row only
+# autoattack_acc: from --evaluations, on the last epoch's row only; wall_seconds: the whole run's, on every row
 # Loss and accuracy on the private training batches are never collected: epsilon does not cover them
 # (runs with --unprotected-train-stats keep them, labelled, in their own metrics.jsonl only).
 
@@ -65,11 +66,12 @@ def run_rows(run_dir: Path, sweep: str) -> list:
              "norm": config["model"]["norm"], **bn_dp_settings(config["model"]), "act": config["model"]["act"],
              "engine": config["privacy"]["engine"], "robust": bool(robust.get("robust", False)),
              "attack": robust.get("attack") if robust.get("robust") else None, "training": training_name(robust),
-             "pgd_eps": robust.get("pgd_eps"),
+             "pgd_eps": robust.get("pgd_eps"), "target_epsilon": config["privacy"].get("target_epsilon"),
              "noise_multiplier": summary.noise_multiplier, "clip": config["privacy"]["clip"],
              "batch_size": config["train"]["batch_size"], "lr": config["train"]["lr"], "seed": config["train"]["seed"],
              "accountant": config["privacy"]["accountant"], "delta": summary.delta,
-             "n_train": summary.n_train, "public_size": public_size(config)}
+             "n_train": summary.n_train, "wall_seconds": getattr(summary, "wall_seconds", None),
+             "public_size": public_size(config)}
     rows = []
     for metrics in run.read_metrics():
         rows.append({**fixed, **{k: metrics.get(k) for k in COLUMNS if k not in fixed}})

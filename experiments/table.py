@@ -6,7 +6,7 @@ under PGD and AutoAttack.
 
 Writes ``<out>.md`` (a Markdown table for the docs) and ``<out>.csv``. "Best epoch" is the epoch with the
 best *validation* accuracy of each run (the test set never picks it); runs without a validation split have no
-best-epoch column. Intervals are Student-t 95% intervals of the mean over seeds (mean +- t * sd / sqrt(n)), the
+best-epoch column; "minutes per run" is the mean of the runs' own wall time (a resumed run's parts summed). Intervals are Student-t 95% intervals of the mean over seeds (mean +- t * sd / sqrt(n)), the
 honest choice for three seeds: a bootstrap over three values understates the spread.
 """
 from __future__ import annotations
@@ -86,6 +86,7 @@ MEASURES = [  # (column title, rows, column)
     ("robust acc (PGD), final", final_rows, "robust_acc"),
     ("robust acc (PGD), best epoch", best_epoch_rows, "robust_acc"),
     ("robust acc (AutoAttack), final", final_rows, "autoattack_acc"),
+    ("robust acc (APGD-CE + APGD-T), final", final_rows, "apgd_acc"),
 ]
 
 
@@ -113,6 +114,8 @@ def cell_table(table: pd.DataFrame, by: List[str]) -> pd.DataFrame:
         row["seeds"] = cell["seed"].nunique()
         row["epsilon"] = cell["epsilon"].max()
         row["lr"] = ", ".join(f"{v:g}" for v in sorted(set(cell["lr"])))
+        if "wall_seconds" in cell and cell["wall_seconds"].notna().all():
+            row["minutes per run"] = cell["wall_seconds"].mean() / 60
         runs = set(cell["run_id"])
         for title, pick, column in MEASURES:
             if column not in table or table[column].isna().all():
@@ -131,7 +134,10 @@ def to_markdown(cells: pd.DataFrame) -> str:
         if isinstance(value, Interval):
             return value.text()
         if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:.2f}" if column == "epsilon" else f"{value:g}"
+            if math.isnan(value):
+                return "-"
+            return f"{value:.2f}" if column == "epsilon" else f"{value:.1f}" if column.startswith("minutes") \
+                else f"{value:g}"
         return str(value)
 
     columns = list(cells.columns)

@@ -47,6 +47,21 @@ def _runs(epochs=3, seeds=(0, 1, 2)):
     return pd.DataFrame(rows)
 
 
+def test_the_table_gives_minutes_per_run_and_the_white_box_pair_by_name():
+    """The CPU results' table: each cell's mean wall time in minutes (only when every run has one), and
+    --eval-attack apgd's accuracies in a column of their own, never under AutoAttack's name."""
+    table = _runs().drop(columns=["autoattack_acc"])
+    table["wall_seconds"] = [600.0 + 60 * seed for seed in table["seed"]]
+    table["apgd_acc"] = [a - 1 if a is not None else None for a in _runs()["autoattack_acc"]]
+    cells = cell_table(table, ["norm"]).set_index("norm")
+    assert cells.loc["group", "minutes per run"] == pytest.approx(11.0)
+    assert cells.loc["group", "robust acc (APGD-CE + APGD-T), final"].mean == pytest.approx(8.0)
+    assert "robust acc (AutoAttack), final" not in cells
+    assert "| 11.0 |" in to_markdown(cells.reset_index())
+    table.loc[table["run_id"] == "group-0", "wall_seconds"] = None  # a run recorded before wall times
+    assert "minutes per run" not in cell_table(table[table["norm"] == "group"], ["norm"])
+
+
 def test_cell_table_reports_final_and_validation_picked_best_epoch():
     table = _runs()
     best = best_epoch_rows(table)
