@@ -6,6 +6,7 @@ Augmentation only transforms an example that was already sampled, so it is part 
 computation and costs no privacy. Every draw comes from the run's own seeded generator (checkpointed), so a
 resumed run augments exactly as an uninterrupted one would. ``AugmentedViews`` makes the K views of
 augmentation multiplicity (``--augmult``, ``dp_layers.augmult``): example-major rows, each view drawn anew.
+``FeatureViews`` lays out views computed in advance (``--mirror-views``' cached features) the same way.
 """
 from __future__ import annotations
 
@@ -49,3 +50,14 @@ class AugmentedViews:
         if self.views > 1:
             images, labels = images.repeat_interleave(self.views, dim=0), labels.repeat_interleave(self.views)
         return augment(images, self.augmentation, self.generator), labels
+
+
+@dataclass
+class FeatureViews:
+    """A physical batch of B examples whose K views were computed in advance (features shaped (B, K, ...), from a
+    ``FeatureTensorDataset`` with ``views`` K), as the B*K example-major rows ``AugmentedViews`` gives."""
+
+    views: int
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor) -> tuple:
+        return features.flatten(0, 1), labels.repeat_interleave(self.views)

@@ -178,9 +178,19 @@ class TrainConfig:
                                                 "augmented views and its gradient is their mean, clipped once "
                                                 "(privacy accounting unchanged); --physical-batch-size counts "
                                                 "examples, each K rows")
+    mirror_views: bool = setting(False, help="scatternet models on cached features (cifar10): each example trains "
+                                             "on two views, its image and the mirror image, whose features are "
+                                             "cached too; its gradient is their mean, clipped once (as --augmult; "
+                                             "privacy accounting unchanged)")
     ema: Optional[float] = setting(None, metavar="DECAY",
                                    help="also evaluate an exponential moving average of the weights with this decay "
                                         "(post-processing: free in privacy; 0 turns it off)")
+
+    @property
+    def views(self) -> int:
+        """Rows per example in a training batch, whose gradients are averaged and clipped once: --augmult's K
+        augmented views, or --mirror-views' two cached ones."""
+        return 2 if self.mirror_views else self.augmult
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -419,6 +429,12 @@ def validate(config: Config) -> None:
     _require(t.augmult >= 1, f"--augmult must be at least 1, got {t.augmult}")
     _require(t.augmult == 1 or t.augment, f"--augmult {t.augmult} averages augmented views: it needs --augment "
                                                "(or --augmult 1)")
+    _require(not t.mirror_views or (not t.augment and t.augmult == 1 and not config.robust.robust),
+             "--mirror-views takes both views from the feature cache: it cannot be combined with --augment, "
+             "--augmult or --robust, which change the pixels")
+    _require(not t.mirror_views or p.engine != "ghost",
+             "--engine ghost is stock Opacus, whose norm rules clip each view on its own; use --engine bk, "
+             "mixed-ghost, hooks or functorch with --mirror-views")
     _require(t.augmult == 1 or p.engine != "ghost",
              "--engine ghost is stock Opacus, whose norm rules clip each augmult view on its own; use --engine "
              "mixed-ghost (ghost clipping with rules that group an example's views), bk, hooks or functorch")

@@ -69,23 +69,32 @@ class ImageTensorDataset(Dataset):
 
 class FeatureTensorDataset(Dataset):
     """Fixed float features of a set's images (src.feature_cache), served as ``ImageTensorDataset`` serves the
-    images: what clean training of a ScatterNet model draws its Poisson batches from and evaluates on."""
+    images: what clean training of a ScatterNet model draws its Poisson batches from and evaluates on.
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+    ``views`` > 1 (``--mirror-views``): each row holds that many views of one example, ``features`` shaped
+    (N, views, *example_shape``); a batch keeps them together, and ``FeatureViews`` lays them out as rows."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, views: int = 1):
         if not features.is_floating_point() or len(features) != len(labels):
             raise ValueError(f"expected one float feature row per label, got {features.dtype} "
                              f"{tuple(features.shape)} for {len(labels)} labels")
-        self.features, self.labels = features, labels.to(torch.int64)
+        if views > 1 and (features.dim() < 3 or features.shape[1] != views):
+            raise ValueError(f"expected {views} views per example, got features {tuple(features.shape)}")
+        self.features, self.labels, self.views = features, labels.to(torch.int64), views
 
     def __len__(self) -> int:
         return len(self.features)
 
     @property
     def example_shape(self) -> tuple:
-        return tuple(self.features.shape[1:])
+        return tuple(self.features.shape[2 if self.views > 1 else 1:])
+
+    def first_view(self) -> torch.Tensor:
+        """Each example's features as computed from its own image (the first view)."""
+        return self.features[:, 0] if self.views > 1 else self.features
 
     def to(self, device: torch.device) -> "FeatureTensorDataset":
-        return FeatureTensorDataset(self.features.to(device), self.labels.to(device))
+        return FeatureTensorDataset(self.features.to(device), self.labels.to(device), self.views)
 
     def __getitem__(self, index: int):
         return self.features[index], self.labels[index]

@@ -132,13 +132,21 @@ def uses_cached_features(model, config) -> bool:
             and config.train.augmult == 1)
 
 
-def split_features(model, images_set, split: str, dataset: str, root: Path, device: torch.device) -> torch.Tensor:
+def split_features(model, images_set, split: str, dataset: str, root: Path, device: torch.device,
+                   mirrored: bool = False) -> torch.Tensor:
     """The model's fixed features of one split's images (on the CPU), from the cache under ``root`` or computed by
-    the model's own scattering on ``device`` and cached."""
+    the model's own scattering on ``device`` and cached. ``mirrored``: of each image flipped left to right,
+    computed from the flipped pixels (not by permuting the features' orientations and flipping their maps, which
+    is exact only up to where the scattering's 4-pixel grid falls on the flipped image), and cached apart."""
     scattering = model.scattering
     images = images_set.images.cpu()
-    key = FeatureKey(dataset=dataset, split=split, fingerprint=fingerprint(images), transform=scattering.description())
-    return cached_features(images, lambda batch: scattering(batch.to(device)).cpu(), key, root)
+    transform = scattering.description() + ("; each image mirrored left to right first" if mirrored else "")
+    key = FeatureKey(dataset=dataset, split=split, fingerprint=fingerprint(images), transform=transform)
+
+    def compute(batch: torch.Tensor) -> torch.Tensor:
+        return scattering((batch.flip(-1) if mirrored else batch).to(device)).cpu()
+
+    return cached_features(images, compute, key, root)
 
 
 def training_inputs(model, data, config, dataset: str, device: torch.device) -> TrainingInputs:
@@ -149,11 +157,17 @@ def training_inputs(model, data, config, dataset: str, device: torch.device) -> 
     if not uses_cached_features(model, config):
         return TrainingInputs(data.train, data.val, data.test)
 
+    root = Path(config.data.data_root)
+
     def features(split: str, images_set):
         if images_set is None:
             return None
-        computed = split_features(model, images_set, split, dataset, Path(config.data.data_root), device)
+        computed = split_features(model, images_set, split, dataset, root, device)
         return FeatureTensorDataset(computed, images_set.labels.cpu()).to(device)
 
-    return TrainingInputs(features("train", data.train), features("val", data.val), features("test", data.test),
-                          cached=True)
+    train = features("train", data.train)
+    if config.train.mirror_views:  # the image and its mirror, side by side: (N, 2, C, H, W)
+        mirrored = split_features(model, data.train, "train", dataset, root, device, mirrored=True)
+        train = FeatureTensorDataset(torch.stack([train.features.cpu(), mirrored], 1), data.train.labels.cpu(),
+                                     views=2).to(device)
+    return TrainingInputs(train, features("val", data.val), features("test", data.test), cached=True)

@@ -76,7 +76,7 @@ def engine_table(config: Config, spec: DatasetSpec) -> str:
 
     model = spec.build_model(config.model)
     p = config.privacy
-    book_keeping = BookKeepingOptions(batch=config.train.physical_batch_size, views=config.train.augmult,
+    book_keeping = BookKeepingOptions(batch=config.train.physical_batch_size, views=config.train.views,
                                       keep=p.bk_keep, layer_budget_mb=p.bk_layer_budget)
     rows = describe_layers(model, spec.image_shape, p.engine, book_keeping)
     kept = p.engine == "bk"
@@ -84,7 +84,7 @@ def engine_table(config: Config, spec: DatasetSpec) -> str:
              f"{p.engine}: {ENGINES[p.engine].summary}", ""]
     if kept:
         lines += [f"Kept until the clipped sums: for a physical batch of {config.train.physical_batch_size} "
-                  f"(x{config.train.augmult} views), --bk-keep {p.bk_keep}"
+                  f"(x{config.train.views} views), --bk-keep {p.bk_keep}"
                   + (f", --bk-layer-budget {p.bk_layer_budget:g} MB" if p.bk_layer_budget is not None else ""), ""]
     lines += ["| layer | type | input | parameters | per-sample gradient norm |" + (" kept |" if kept else ""),
               "| --- | --- | --- | --- | --- |" + (" --- |" if kept else "")]

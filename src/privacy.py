@@ -160,7 +160,7 @@ def attach(model: nn.Module, train_set, config: Config, plan: PrivacyPlan, *,
         _check_schedule(poisson_loader, plan)
         return Training(model=model, optimizer=NonPrivateOptimizer(optimizer, ranks.distributed),
                         train_loader=poisson_loader,
-                        criterion=SumOverExpectedBatch(plan.expected_batch_size, config.train.augmult),
+                        criterion=SumOverExpectedBatch(plan.expected_batch_size, config.train.views),
                         privacy_engine=None)
     secure = config.privacy.secure_rng
     if secure:
@@ -194,7 +194,7 @@ def _attach_opacus(engine, model, optimizer, loader, config, plan, noise_generat
     # example's clipping factor. Hooks and functorch group their per-row gradients instead (group_views).
     wrapped = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
-        criterion=ViewAveragedCrossEntropy(config.train.augmult) if mode == "ghost" else nn.CrossEntropyLoss(),
+        criterion=ViewAveragedCrossEntropy(config.train.views) if mode == "ghost" else nn.CrossEntropyLoss(),
         noise_multiplier=plan.noise_multiplier, max_grad_norm=config.privacy.clip, poisson_sampling=False,
         grad_sample_mode=mode, noise_generator=noise_generator)
     # ``loader`` already samples at the plan's rate from the right generator (the CSPRNG in secure mode, where
@@ -225,7 +225,7 @@ def _attach_book_keeping(engine, model, optimizer, loader, config, plan, noise_g
         generator=engine.secure_rng if engine.secure_mode else noise_generator, secure_mode=engine.secure_mode)
     dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
     return Training(model=module, optimizer=dp_optimizer, train_loader=loader,
-                    criterion=BookKeepingLoss(module, ViewAveragedCrossEntropy(config.train.augmult)),
+                    criterion=BookKeepingLoss(module, ViewAveragedCrossEntropy(config.train.views)),
                     privacy_engine=engine)
 
 

@@ -23,7 +23,7 @@ from attacks.adversarial import AdversarialBatches
 from attacks.defaults import ENSEMBLES
 from attacks.robust_eval import masking_checks, robust_accuracy
 from dp_layers.dp_bn import ReleasedStatistics, copy_statistics
-from src.augment import AugmentedViews
+from src.augment import AugmentedViews, FeatureViews
 from src.ema import weight_average
 from src import checkpoint
 from src import datasets as dataset_registry
@@ -108,7 +108,7 @@ class PreparedRun:
     generators: dict
     adversarial: Optional[AdversarialBatches]
     refresh_public: Optional[Callable[[], None]]
-    views: Optional[AugmentedViews] = None  # --augment (and --augmult): what the model trains on per batch
+    views: Optional[AugmentedViews] = None  # --augment (and --augmult), --mirror-views: the rows of a batch
     ema: Optional[AveragedModel] = None  # --ema: the average of the weights (src.ema)
     refresh_ema: Optional[Callable[[], None]] = None  # its public BatchNorm statistics (bn-public)
     ranks: Ranks = Ranks()  # this process's place in a multi-process run (src.distributed)
@@ -185,7 +185,7 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None,
         else:
             released = release_statistics(
                 model, data, config, spec.name, device, n=plan.n_train, ranks=ranks,
-                features=inputs.train.features if inputs.cached else None,
+                features=inputs.train.first_view() if inputs.cached else None,
                 generator=(training.privacy_engine.secure_rng if config.privacy.secure_rng else noise_generator)
                 if plan.private else torch.Generator(device=device).manual_seed(own.noise))
     check_engine_supports(training, inputs.train)
@@ -206,6 +206,8 @@ def _prepare(config: Config, spec: DatasetSpec, seeds: Optional[Seeds] = None,
     if config.train.augment:
         generators["augmentation"] = torch.Generator(device=device).manual_seed(own.augmentation)
         views = AugmentedViews(spec.augmentation, config.train.augmult, generators["augmentation"])
+    elif inputs.cached and inputs.train.views > 1:  # --mirror-views
+        views = FeatureViews(inputs.train.views)
     return PreparedRun(config=config, device=device, data=data, plan=plan, seeds=seeds, training=training,
                        generators=generators, adversarial=adversarial, refresh_public=refresh_public, views=views,
                        ema=ema, refresh_ema=refresh_ema, ranks=ranks, numerics=numerics, inputs=inputs,

@@ -121,3 +121,45 @@ def test_clean_scatternet_training_reads_cached_features_and_augmented_training_
     augmented = run_cli(*common, "--run-id", "augmented", "--augment", cwd=tmp_path)
     assert augmented.returncode == 0, augmented.stderr
     assert {p.name for p in (root / FOLDER).iterdir()} == set(files)
+
+
+@pytest.mark.slow
+def test_mirror_views_train_on_each_image_and_its_mirror_from_the_cache(tiny_root, tmp_path):
+    """--mirror-views: the training features hold, per example, the scattering of its image and of the image
+    flipped left to right (computed from the flipped pixels, cached in a file of its own); batches lay them out
+    as example-major rows; the held-out splits stay one view; a run with them trains and finishes."""
+    from src import cifar10
+    from src.augment import FeatureViews
+    from src.config import build_config
+    from src.datasets import validate_for_dataset
+    from src.feature_cache import training_inputs
+    from tests.conftest import run_cli
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "cifar-10-batches-py", root / "cifar-10-batches-py")
+    spec = cifar10.DATASET
+    config = build_config({"dataset": "cifar10", "model": "scatternet-linear", "norm": "group", "mirror_views": True,
+                           "data_root": str(root), "train_subset": 16, "val_size": 4}, spec.defaults)
+    validate_for_dataset(config, spec)
+    assert config.train.views == 2
+    data = spec.load(config.data, False)
+    model = spec.build_model(config.model)
+    inputs = training_inputs(model, data, config, "cifar10", torch.device("cpu"))
+    assert inputs.train.views == 2 and inputs.train.example_shape == (243, 8, 8) and inputs.val.views == 1
+    pixels = data.train.images[:3].float().div(255)
+    with torch.no_grad():
+        assert torch.allclose(inputs.train.features[:3, 0], model.scattering(pixels), atol=1e-6)
+        assert torch.allclose(inputs.train.features[:3, 1], model.scattering(pixels.flip(-1)), atol=1e-6)
+    assert torch.equal(inputs.train.first_view(), inputs.train.features[:, 0])
+    assert not torch.allclose(inputs.train.features[:, 0], inputs.train.features[:, 1])
+    assert len(list((root / FOLDER).iterdir())) == 4  # train, its mirror, val, test
+    batch, labels = inputs.train.__getitems__([5, 2])
+    rows, row_labels = FeatureViews(2)(batch, labels)
+    assert torch.equal(rows[1], inputs.train.features[5, 1]) and torch.equal(rows[2], inputs.train.features[2, 0])
+    assert row_labels.tolist() == [labels[0]] * 2 + [labels[1]] * 2
+    run = run_cli("--dataset", "cifar10", "--model", "scatternet-linear", "--mirror-views", "--data-root", root,
+                  "--train-subset", 16, "--val-size", 4, "--batch-size", 8, "--physical-batch-size", 4, "--epochs", 1,
+                  "--eval-robust-size", 0, "--seed", 0, "--out", tmp_path / "runs", "--run-id", "m",
+                  "--wandb", "disabled", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "runs" / "m" / "summary.json").read_text())["status"] == "finished"

@@ -68,6 +68,14 @@ def test_a_models_defaults_replace_the_datasets_and_flags_replace_both():
                                                          "scatternet-linear; choose from none, group, bn-public"),
     ({"model": "scatternet-cnn", "ws": True}, "--ws is not available"),
     ({"model": "lenet5", "compile_scattering": True}, "--compile-scattering is not available for --model lenet5"),
+    ({"model": "scatternet-linear", "mirror_views": True}, "--mirror-views is for the scatternet models on datasets "
+                                                           "whose augmentation flips"),
+    ({"dataset": "cifar10", "mirror_views": True}, "cannot be combined with --augment"),  # the ResNet recipe's
+    ({"dataset": "cifar10", "mirror_views": True, "augment": False, "augmult": 1}, "not --model resnet18 on cifar10"),
+    ({"dataset": "cifar10", "model": "scatternet-cnn", "mirror_views": True, "robust": True},
+     "cannot be combined with --augment, --augmult or --robust"),
+    ({"dataset": "cifar10", "model": "scatternet-cnn", "mirror_views": True, "engine": "ghost"},
+     "--engine ghost is stock Opacus"),
     ({"model": "lenet5", "norm": "group", "norm_groups": 2}, "--norm-groups is not available for --model lenet5"),
     ({"model": "scatternet-linear", "norm": "none", "norm_groups": 3}, "it needs --norm group"),
     ({"model": "scatternet-linear", "norm": "group", "norm_groups": 4}, "--norm-groups 4 does not divide the 81"),

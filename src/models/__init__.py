@@ -124,6 +124,9 @@ def check_model(config, spec) -> None:
                             f"channels of {spec.name}")
     if config.model.compile_scattering and family.module != "src.models.scatternet":
         raise UserError(f"--compile-scattering is not available for --model {family.name}: it has no scattering")
+    if config.train.mirror_views and (family.module != "src.models.scatternet" or not spec.augmentation.flip):
+        raise UserError(f"--mirror-views is for the scatternet models on datasets whose augmentation flips "
+                        f"(cifar10), not --model {family.name} on {spec.name}")
     if config.model.ws and not family.weight_standardization:
         raise UserError(f"--ws is not available for --model {family.name}: it has no trained convolution to "
                         "standardize")
