@@ -363,3 +363,49 @@ def test_scatternet_cnn_convolutions_on_cifar10_features_are_ghosted_from_shifte
         plan = conv_plan(layer, shape)
         assert (plan.method, plan.input_gram) == ("ghost", "shifted"), plan
         assert plan.ghost_cost < plan.instantiate_cost / 3
+
+
+@pytest.mark.parametrize("family", ["scatternet-linear", "scatternet-cnn"])
+def test_mirror_views_update_through_the_training_step_equals_brute_force(family):
+    """--mirror-views: the whole noise-free step on cached features of two views per example (FeatureViews rows),
+    through attach() and the loop's physical step, equals the brute-force clipped mean of each example's
+    gradient averaged over its two views; every engine that takes views. So each example's contribution is
+    bounded by the clip whatever its views, as the accounting assumes."""
+    from src.augment import FeatureViews
+    from src.data import FeatureTensorDataset
+
+    spec = cifar10.DATASET
+    torch.manual_seed(3)
+    features = torch.rand(4, 2, 243, 8, 8)
+    labels = torch.randint(0, 10, (4,))
+    rows, row_labels = FeatureViews(2)(features, labels)
+    config_flags = {"dataset": "cifar10", "model": family, "norm": "group", "mirror_views": True, "noise": 1.0,
+                    "batch_size": 4, "physical_batch_size": 2, "lr": 1.0, "momentum": 0.0, "epochs": 1}
+    torch.manual_seed(0)
+    reference = spec.build_model(build_config({**config_flags, "clip": 1.0}, spec.defaults).model)
+    per_sample, norms = brute_force(reference, rows, row_labels, views=2)
+    clip = norms.median().item()
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    names = [name for name, p in reference.named_parameters()]
+    for engine in AUGMULT_ENGINES:
+        config = build_config({**config_flags, "clip": clip, "engine": engine}, spec.defaults)
+        assert config.train.views == 2
+        data = FeatureTensorDataset(features, labels, views=2)
+        plan = dataclasses.replace(plan_privacy(config, len(data)), noise_multiplier=0.0)
+        torch.manual_seed(0)
+        model = spec.build_model(config.model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        training = attach(model, data, config, plan, sampling_generator=torch.Generator().manual_seed(0),
+                          noise_generator=torch.Generator().manual_seed(0))
+        training.optimizer.zero_grad()
+        for start in (0, 2):
+            x, y = data.__getitems__(range(start, start + 2))
+            training.optimizer.signal_skip_step(do_skip=start == 0)
+            _physical_step(training, x, y, views=FeatureViews(2))
+        after = training.base_model.state_dict()
+        for name, grads in zip(names, per_sample):
+            expected = torch.einsum("b,b...->...", factors, grads) / plan.expected_batch_size
+            update = before[name] - after[name]
+            # float32 sums over 15552 inputs: compared to the largest entry, not entry by entry
+            error = (update - expected).abs().max().item()
+            assert error <= 1e-5 * expected.abs().max().item(), (f"{engine}/{family}/{name}", error)
