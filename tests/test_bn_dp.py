@@ -135,7 +135,7 @@ def test_the_composed_epsilon_equals_an_independent_computation(norm_noise):
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_target_epsilon_calibrates_dp_sgd_to_what_the_statistics_leave(accountant):
     with_release = plan_privacy(config_for(norm="bn-dp", accountant=accountant), CIFAR_TRAIN)
-    without = plan_privacy(config_for(accountant=accountant), CIFAR_TRAIN)
+    without = plan_privacy(config_for(norm="group", accountant=accountant), CIFAR_TRAIN)
     composed = bounded_epsilon(accountant, list(with_release.prelude) + [
         (with_release.noise_multiplier, with_release.sample_rate, with_release.steps)], with_release.delta)
     assert 3.0 - EPSILON_TOLERANCE <= composed <= 3.0
@@ -151,7 +151,7 @@ def test_max_epsilon_counts_the_statistics():
     assert bounded_epsilon("rdp", list(plan.prelude) + allowed, plan.delta) <= 1.0
     one_more = [(3.0, plan.sample_rate, plan.budget_steps + 1)]
     assert bounded_epsilon("rdp", list(plan.prelude) + one_more, plan.delta) > 1.0
-    assert plan.budget_steps < plan_privacy(config_for(noise=3.0, max_epsilon=1.0), CIFAR_TRAIN).budget_steps
+    assert plan.budget_steps < plan_privacy(config_for(norm="group", noise=3.0, max_epsilon=1.0), CIFAR_TRAIN).budget_steps
 
 
 def test_non_private_runs_and_other_norms_release_nothing_before_training():
@@ -161,7 +161,8 @@ def test_non_private_runs_and_other_norms_release_nothing_before_training():
 
 
 @pytest.mark.parametrize("flags,words", [
-    ({"norm_clip": 1.0}, "--norm-clip sets how --norm bn-dp estimates its statistics; it needs --norm bn-dp"),
+    ({"norm": "group", "norm_clip": 1.0}, "--norm-clip sets how --norm bn-dp estimates its statistics; it needs "
+                                          "--norm bn-dp"),
     ({"norm": "none", "norm_noise": 4.0}, "--norm-noise sets how --norm bn-dp"),
     ({"norm": "bn-dp", "norm_noise": 0.0}, "--norm-noise must be positive"),
     ({"norm": "bn-dp", "norm_clip": -1.0}, "--norm-clip must be positive"),

@@ -46,7 +46,7 @@ def test_a_models_defaults_replace_the_datasets_and_flags_replace_both():
     assert (linear.train.batch_size, linear.train.lr, linear.train.momentum, linear.privacy.clip,
             linear.train.epochs, linear.privacy.target_epsilon) == (8192, 4.0, 0.9, 0.1, 60, 3.0)
     assert (linear.model.norm, linear.train.augment, linear.train.augmult, linear.train.ema, linear.model.ws) == \
-           ("group", False, 1, None, False)
+           ("bn-dp", False, 1, None, False)
     given = config_for("cifar10", model="scatternet-linear", lr=1.0, norm="bn-public", noise=2.0)
     assert given.train.lr == 1.0 and given.model.norm == "bn-public"
     assert given.privacy.noise == 2.0 and given.privacy.target_epsilon is None  # noise replaces the target

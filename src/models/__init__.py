@@ -72,7 +72,7 @@ MODELS: Mapping[str, ModelFamily] = {family.name: family for family in (
                 "their normalization, a linear classifier (Tramer & Boneh 2021)", "src.models.scatternet",
                 datasets=("mnist", "cifar10"), norms=SCATTERING_NORMS, weight_standardization=False, norm_groups=True,
                 defaults={"mnist": scattering_recipe("mnist", batch_size=4096, epochs=40, norm="bn-dp"),
-                          "cifar10": scattering_recipe("cifar10", batch_size=8192, epochs=60)}),
+                          "cifar10": scattering_recipe("cifar10", batch_size=8192, epochs=60, norm="bn-dp")}),
     ModelFamily("scatternet-cnn", "ScatterNet + CNN: the same features with Tramer & Boneh's small tanh CNN head",
                 "src.models.scatternet", datasets=("mnist", "cifar10"), norms=SCATTERING_NORMS,
                 weight_standardization=False, norm_groups=True,
