@@ -86,6 +86,14 @@ def test_impossible_combinations_are_refused_in_one_line(flags, words):
         config_for(flags.pop("dataset"), **flags)
 
 
+def test_compile_scattering_without_a_compiler_is_refused_in_one_line(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="--compile-scattering needs a C\\+\\+ compiler"):
+        config_for("cifar10", model="scatternet-cnn", compile_scattering=True)
+
+
 def test_models_choices_come_from_the_registry():
     from src.config import SETTINGS
 

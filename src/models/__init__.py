@@ -12,6 +12,7 @@ model). Settings resolve as: the flags given, then the model's defaults, then th
 from __future__ import annotations
 
 import importlib
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -124,6 +125,9 @@ def check_model(config, spec) -> None:
                             f"channels of {spec.name}")
     if config.model.compile_scattering and family.module != "src.models.scatternet":
         raise UserError(f"--compile-scattering is not available for --model {family.name}: it has no scattering")
+    if config.model.compile_scattering and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise UserError("--compile-scattering needs a C++ compiler (torch.compile builds C++ kernels for the CPU), "
+                        "and none is on PATH; install g++ or drop the flag")
     if config.train.mirror_views and (family.module != "src.models.scatternet" or not spec.augmentation.flip):
         raise UserError(f"--mirror-views is for the scatternet models on datasets whose augmentation flips "
                         f"(cifar10), not --model {family.name} on {spec.name}")
