@@ -23,10 +23,11 @@ from typing import Optional
 import torch
 import torchattacks
 
+from attacks.defaults import ENSEMBLES
+
 NORM_NAMES = {"linf": "Linf", "l2": "L2"}
 ITERATIONS = 100  # APGD-CE, APGD-T and FAB-T, per target class (Croce and Hein 2020, standard version)
 SQUARE_QUERIES = 5000
-VERSIONS = ("autoattack", "apgd")  # the --eval-attack names of the ensembles
 
 
 def ensemble(model, version: str, *, norm: str, eps: float, n_classes: int, seed: int) -> torchattacks.MultiAttack:
@@ -38,7 +39,7 @@ def ensemble(model, version: str, *, norm: str, eps: float, n_classes: int, seed
         attacks += [torchattacks.FAB(model, steps=ITERATIONS, multi_targeted=True, n_classes=n_classes, **common),
                     torchattacks.Square(model, n_queries=SQUARE_QUERIES, **common)]
     elif version != "apgd":
-        raise ValueError(f"unknown AutoAttack version {version!r}; choose from {', '.join(VERSIONS)}")
+        raise ValueError(f"unknown AutoAttack version {version!r}; choose from {', '.join(ENSEMBLES)}")
     return torchattacks.MultiAttack(attacks)
 
 

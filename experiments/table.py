@@ -6,8 +6,9 @@ under PGD and AutoAttack.
 
 Writes ``<out>.md`` (a Markdown table for the docs) and ``<out>.csv``. "Best epoch" is the epoch with the
 best *validation* accuracy of each run (the test set never picks it); runs without a validation split have no
-best-epoch column; "minutes per run" is the mean of the runs' own wall time (a resumed run's parts summed). Intervals are Student-t 95% intervals of the mean over seeds (mean +- t * sd / sqrt(n)), the
-honest choice for three seeds: a bootstrap over three values understates the spread.
+best-epoch column. "Minutes per run" is the mean of the runs' own wall time (a resumed run's parts summed).
+Intervals are Student-t 95% intervals of the mean over seeds (mean +- t * sd / sqrt(n)), the honest choice for
+three seeds: a bootstrap over three values understates the spread.
 """
 from __future__ import annotations
 

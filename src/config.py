@@ -239,8 +239,9 @@ class RobustConfig:
     attack: str = setting("pgd", choices=ATTACKS, help="training attack (fgsm-rs is one step)")
     pgd_norm: str = setting("linf", choices=PGD_NORMS, help="threat model of training and evaluation")
     pgd_eps: float = setting(parse=_radius, metavar="EPS|NAME",
-                             help="attack radius in [0,1] pixel units (a number, or a fraction: 2/255), or a name: study (the CS523 study's 0.03), "
-                                  "literature (mnist 0.3, cifar10 8/255), dp-literature (mnist 0.1)")
+                             help="attack radius in [0,1] pixel units (a number, or a fraction: 2/255), or a name: "
+                                  "study (the CS523 study's 0.03), literature (mnist 0.3, cifar10 8/255), "
+                                  "dp-literature (mnist 0.1)")
     pgd_alpha: float = setting(None, default_text="2.5 eps/steps; fgsm-rs 1.25 eps", help="training attack step")
     pgd_steps: int = setting(help="training PGD steps")
     pgd_restarts: int = setting(1, help="training PGD random restarts (worst case kept)")
@@ -432,12 +433,10 @@ def validate(config: Config) -> None:
     _require(not t.mirror_views or (not t.augment and t.augmult == 1 and not config.robust.robust),
              "--mirror-views takes both views from the feature cache: it cannot be combined with --augment, "
              "--augmult or --robust, which change the pixels")
-    _require(not t.mirror_views or p.engine != "ghost",
-             "--engine ghost is stock Opacus, whose norm rules clip each view on its own; use --engine bk, "
-             "mixed-ghost, hooks or functorch with --mirror-views")
-    _require(t.augmult == 1 or p.engine != "ghost",
-             "--engine ghost is stock Opacus, whose norm rules clip each augmult view on its own; use --engine "
-             "mixed-ghost (ghost clipping with rules that group an example's views), bk, hooks or functorch")
+    _require(t.views == 1 or p.engine != "ghost",
+             "--engine ghost is stock Opacus, whose norm rules clip each view (--augmult, --mirror-views) on its "
+             "own; use --engine mixed-ghost (ghost clipping with rules that group an example's views), bk, hooks "
+             "or functorch")
     _require(t.precision == "fp32" or p.engine in BF16_ENGINES,
              f"--precision {t.precision} needs --engine bk or non-private: --engine {p.engine} (Opacus) forms "
              "per-sample gradients in the activations' dtype, so its norms and clipping would be bf16")

@@ -159,15 +159,14 @@ def training_inputs(model, data, config, dataset: str, device: torch.device) -> 
 
     root = Path(config.data.data_root)
 
-    def features(split: str, images_set):
+    def features(split: str, images_set, mirror: bool = False):
         if images_set is None:
             return None
         computed = split_features(model, images_set, split, dataset, root, device)
-        return FeatureTensorDataset(computed, images_set.labels.cpu()).to(device)
+        if mirror:  # the image and its mirror, side by side: (N, 2, C, H, W)
+            mirrored = split_features(model, images_set, split, dataset, root, device, mirrored=True)
+            computed = torch.stack([computed, mirrored], 1)
+        return FeatureTensorDataset(computed, images_set.labels.cpu(), views=2 if mirror else 1).to(device)
 
-    train = features("train", data.train)
-    if config.train.mirror_views:  # the image and its mirror, side by side: (N, 2, C, H, W)
-        mirrored = split_features(model, data.train, "train", dataset, root, device, mirrored=True)
-        train = FeatureTensorDataset(torch.stack([train.features.cpu(), mirrored], 1), data.train.labels.cpu(),
-                                     views=2).to(device)
-    return TrainingInputs(train, features("val", data.val), features("test", data.test), cached=True)
+    return TrainingInputs(features("train", data.train, mirror=config.train.mirror_views),
+                          features("val", data.val), features("test", data.test), cached=True)

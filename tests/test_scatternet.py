@@ -4,7 +4,6 @@ pixels through the fixed scattering to the logits."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from src import loop
 from src.config import build_config
 from src.data import ImageTensorDataset
 from src.engines import PRIVATE_ENGINES
+from src.models import has_cpp_compiler
 from tests.conftest import run_cli
 from tests.test_engines_exact import assert_exact_norms
 from tests.test_model_registry import SPECS
@@ -161,8 +161,7 @@ def test_compile_scattering_compiles_only_the_passes_that_are_differentiated(mon
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile's CPU backend builds C++: no compiler on this machine")
+@pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile's CPU backend builds C++: no compiler here")
 def test_the_compiled_scattering_equals_kymatios_forward_and_backward():
     """The compiled path on a small kymatio transform (J=1, L=2, 8x8 images: the same code, a graph small enough
     to compile in seconds): coefficients and pixel gradients within 1e-5 of eager kymatio, across batch sizes

@@ -107,6 +107,11 @@ def model_defaults(dataset: str, name: str) -> Mapping[str, Any]:
     return family.defaults.get(dataset, {}) if family else {}
 
 
+def has_cpp_compiler() -> bool:
+    """Whether torch.compile's CPU backend (inductor), which builds C++ kernels, can run here."""
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
 def check_model(config, spec) -> None:
     """The model's own limits on the other flags: the normalizations it has a place for, their groups, --ws."""
     family = get_model(config.model.model or spec.defaults["model"], spec.name)
@@ -125,7 +130,7 @@ def check_model(config, spec) -> None:
                             f"channels of {spec.name}")
     if config.model.compile_scattering and family.module != "src.models.scatternet":
         raise UserError(f"--compile-scattering is not available for --model {family.name}: it has no scattering")
-    if config.model.compile_scattering and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if config.model.compile_scattering and not has_cpp_compiler():
         raise UserError("--compile-scattering needs a C++ compiler (torch.compile builds C++ kernels for the CPU), "
                         "and none is on PATH; install g++ or drop the flag")
     if config.train.mirror_views and (family.module != "src.models.scatternet" or not spec.augmentation.flip):
