@@ -7,7 +7,8 @@ Runs go to ``<out>/<sweep name>/<run id>/`` (the usual run-directory format), th
 ``finished``, ``diverged`` or ``budget-exhausted`` (a real outcome) is skipped; one that failed, was
 interrupted or was killed mid-run continues from its last checkpoint (``vision.py --resume``), and one
 without a checkpoint is moved aside to ``<run id>.attempt-N`` and run again. ``--wandb-spec`` prints the same grid as a
-wandb sweep instead, for ``wandb sweep`` + ``wandb agent`` on many machines.
+wandb sweep instead, for ``wandb sweep`` + ``wandb agent`` on many machines. ``--evaluate ATTACK`` then
+re-evaluates every finished run under another attack (``vision.py --eval-only``) into ``<out>/<sweep>-<attack>/``.
 
 SIGTERM or SIGINT to the runner is forwarded to its running points (each checkpoints and stops as
 ``interrupted``, ``src.preemption``); no new point starts, and the runner exits with code 130 once they have
@@ -27,7 +28,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from experiments.sweep import GridPoint, Sweep, load_sweep, wandb_sweep_spec
+from experiments.sweep import GridPoint, Stage, Sweep, load_sweep, wandb_sweep_spec
+from attacks.defaults import EVAL_ATTACKS
 from src.config import WANDB_MODES
 from src.errors import UserError
 from src.run_directory import RunDirectory
@@ -50,6 +52,40 @@ def set_aside(run_dir: Path) -> Path:
     target = run_dir.with_name(f"{run_dir.name}.attempt-{attempt}")
     run_dir.rename(target)
     return target
+
+
+# a trained run's flags that an evaluation of it keeps: the same test images, threat model and seed
+EVALUATION_FLAGS = ("data-root", "pgd-norm", "pgd-eps", "eval-robust-size", "seed")
+
+
+def evaluation_stage(trained: Sweep, out: Path, attack: str, name: str = "") -> Stage:
+    """``vision.py --eval-only`` of every finished run of ``trained`` under ``attack``, into
+    ``<out>/<name or trained's name-attack>/`` under the trained runs' ids, so that ``experiments.collect
+    --evaluations`` puts each accuracy beside the run it measured. Runs not yet finished are left out; the
+    next call picks them up."""
+    points = []
+    for point in trained.points():
+        run_path = out / trained.name / point.run_id
+        if run_state(run_path) != "finished":
+            continue
+        flags = {k: v for k, v in point.flags.items() if k in EVALUATION_FLAGS}
+        points.append(GridPoint(run_id=point.run_id, values=point.values,
+                                flags={**flags, "eval-only": str(run_path.resolve()), "eval-attack": attack}))
+    return Stage(name or f"{trained.name}-{attack}", trained.dataset, points)
+
+
+def evaluation_extra(extra: list) -> list:
+    """The runner's extra ``vision.py`` flags that an evaluation takes too (``--data-root``, ...); training
+    flags are left out, since ``--eval-only`` refuses them."""
+    kept, index = [], 0
+    while index < len(extra):
+        name = extra[index].lstrip("-").split("=")[0]
+        takes_value = "=" not in extra[index] and index + 1 < len(extra) and not extra[index + 1].startswith("--")
+        item = extra[index:index + 2] if takes_value else extra[index:index + 1]
+        if name in EVALUATION_FLAGS:
+            kept += item
+        index += len(item)
+    return kept
 
 
 def command_for(sweep: Sweep, point: GridPoint, sweep_dir: Path, extra: list, wandb_mode: str) -> list:
@@ -177,6 +213,9 @@ def main(argv=None) -> int:
     add_runner_arguments(parser, out_help="folder for the sweep's folder", list_help="list the grid points and their "
                          "state, run nothing")
     parser.add_argument("--wandb-spec", action="store_true", help="print the wandb sweep spec (YAML) and exit")
+    parser.add_argument("--evaluate", choices=EVAL_ATTACKS, help="then re-evaluate every finished run with "
+                        "vision.py --eval-only under this attack (same radius, images and seed), into "
+                        "<out>/<sweep name>-<attack>/ (resumable like the sweep)")
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep_file)
@@ -187,10 +226,19 @@ def main(argv=None) -> int:
             for point in sweep.points():
                 print(f"{run_state(args.out / sweep.name / point.run_id):10s} {point.run_id}")
             return 0
-        summary = run_sweep(sweep, out=args.out, jobs=args.jobs, extra=extra, wandb_mode=args.wandb)
+        summaries = [run_sweep(sweep, out=args.out, jobs=args.jobs, extra=extra, wandb_mode=args.wandb)]
+        if args.evaluate and not summaries[0]["stopped_by"]:
+            summaries.append(run_sweep(evaluation_stage(sweep, args.out, args.evaluate), out=args.out,
+                                       jobs=args.jobs, extra=evaluation_extra(extra), wandb_mode=args.wandb))
     except UserError as error:
         print(f"experiments.run: error: {error}", file=sys.stderr)
         return 2
+    codes = [report(summary) for summary in summaries]
+    return 130 if 130 in codes else max(codes)
+
+
+def report(summary: dict) -> int:
+    """Print a sweep's outcome; its exit code (130 when stopped by a signal, 1 when a run failed)."""
     stopped = f", {summary['stopped']} stopped or not started" if summary["stopped"] else ""
     print(f"sweep {summary['sweep']}: {summary['runs']} runs, {summary['skipped']} already done, "
           f"{summary['finished']} finished now, {summary['failed']} failed ({summary['retried']} restarted, "

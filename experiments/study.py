@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
-from experiments.run import add_runner_arguments, run_state, run_sweep
-from experiments.sweep import FORBIDDEN, GridPoint, Sweep, _run_id, point_flags, read_yaml
+from experiments.run import add_runner_arguments, evaluation_stage, run_state, run_sweep
+from experiments.sweep import FORBIDDEN, GridPoint, Stage, _run_id, point_flags, read_yaml
 from src.atomic_files import atomic_write_json
 from src.errors import UserError
 from src.run_directory import RunDirectory, runs_in
@@ -65,17 +65,6 @@ class Study:
     @property
     def tuned(self) -> str:
         return next(iter(self.tune))
-
-
-class Stage(Sweep):
-    """One stage of a study as a sweep of explicit points (``experiments.run`` runs it)."""
-
-    def __init__(self, name: str, dataset: str, points: List[GridPoint]):
-        super().__init__(name=name, dataset=dataset, grid={}, fixed={})
-        object.__setattr__(self, "_points", points)
-
-    def points(self) -> List[GridPoint]:
-        return list(self._points)
 
 
 def _point(values: Dict[str, Any], flags: Dict[str, Any]) -> GridPoint:
@@ -134,16 +123,7 @@ def final_stage(study: Study, choices: Dict[str, Any]) -> Stage:
 
 def autoattack_stage(study: Study, final: Stage, out: Path) -> Stage:
     """``--eval-only`` of every finished final model under AutoAttack (same images, same radius and norm)."""
-    points = []
-    for point in final.points():
-        run_path = out / final.name / point.run_id
-        if run_state(run_path) != "finished":
-            continue
-        flags = {k: v for k, v in point.flags.items()
-                 if k in ("data-root", "pgd-norm", "pgd-eps", "eval-robust-size", "seed")}
-        points.append(GridPoint(run_id=point.run_id, values=point.values,
-                                flags={**flags, "eval-only": str(run_path.resolve()), "eval-attack": "autoattack"}))
-    return Stage(f"{study.name}-autoattack", study.dataset, points)
+    return evaluation_stage(final, out, "autoattack", name=f"{study.name}-autoattack")
 
 
 def compute_hours(stage_dir: Path) -> float:

@@ -67,6 +67,18 @@ class Sweep:
         return points
 
 
+class Stage(Sweep):
+    """A sweep of explicit points rather than a grid: a study's stages, a sweep's re-evaluations
+    (``experiments.run`` runs it like any sweep)."""
+
+    def __init__(self, name: str, dataset: str, points: List[GridPoint]):
+        super().__init__(name=name, dataset=dataset, grid={}, fixed={})
+        object.__setattr__(self, "_points", points)
+
+    def points(self) -> List[GridPoint]:
+        return list(self._points)
+
+
 def point_flags(flags: Dict[str, Any]) -> Dict[str, Any]:
     """The flags one grid point passes to ``vision.py``: the training-attack settings of a sweep apply to its
     robust points only (``vision.py`` refuses them without ``--robust`` rather than ignore them). A sweep's

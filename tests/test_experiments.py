@@ -83,13 +83,26 @@ def test_smoke_sweep_runs_resumes_collects_and_draws(tiny_root, tmp_path):
     third = experiments("run", SMOKE, "--out", out, "--wandb", "disabled", cwd=tmp_path)
     assert "2 already done, 0 finished now" in third.stdout
 
+    # --evaluate: every finished run again under another attack (--eval-only), beside the sweep's folder; the
+    # extra flags it takes are the evaluation's (--data-root), not the training's (--lr would be refused).
+    evaluated = experiments("run", SMOKE, "--out", out, "--wandb", "disabled", "--evaluate", "apgd", "--",
+                            "--data-root", tiny_root, "--lr", "0.1", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr + evaluated.stdout
+    assert "sweep smoke-apgd: 2 runs, 0 already done, 2 finished now" in evaluated.stdout
+    for run in runs:
+        attacked = json.loads((out / "smoke-apgd" / run / "summary.json").read_text())
+        assert attacked["status"] == "finished" and attacked["eval_attack"]["method"] == "apgd"
+        assert attacked["source_run"] == str((out / "smoke" / run).resolve()) and attacked["eval_robust_size"] == 8
+
     csv = tmp_path / "smoke.csv"
-    collected = experiments("collect", out / "smoke", "--csv", csv, cwd=tmp_path)
+    collected = experiments("collect", out / "smoke", "--csv", csv, "--evaluations", out / "smoke-apgd",
+                            cwd=tmp_path)
     assert collected.returncode == 0, collected.stderr
     table = pd.read_csv(csv)
     assert len(table) == 4 and set(table["run_id"]) == {"norm-group", "norm-none"}  # 2 runs x 2 epochs
     assert table.groupby("run_id")["epsilon"].is_monotonic_increasing.all()
     assert table["robust_acc"].notna().sum() == 2  # measured after the last epoch of each run
+    assert table["apgd_acc"].notna().sum() == 2 and table.loc[table["epoch"] == 2, "apgd_acc"].notna().all()
 
     images = tmp_path / "images"
     drawn = experiments("figures", csv, "--run", out / "smoke" / "norm-none", "--benchmark",
@@ -99,6 +112,22 @@ def test_smoke_sweep_runs_resumes_collects_and_draws(tiny_root, tmp_path):
                  "engine_benchmark"):
         assert (images / f"{name}.png").stat().st_size > 5000, name
         assert (images / f"{name}.pdf").stat().st_size > 1000, name
+
+
+def test_an_evaluation_stage_attacks_each_finished_run_at_its_own_radius(tmp_path):
+    robust = load_sweep(REPO / "experiments" / "sweeps" / "cpu_cifar10_robust.yaml")
+    first, second = robust.points()
+    for point, status in ((first, "finished"), (second, "running")):
+        (tmp_path / robust.name / point.run_id).mkdir(parents=True)
+        (tmp_path / robust.name / point.run_id / "summary.json").write_text(json.dumps({"status": status}))
+    stage = sweep_runner.evaluation_stage(robust, tmp_path, "apgd")
+    assert stage.name == "cpu-cifar10-robust-apgd" and stage.dataset == "cifar10"
+    (point,) = stage.points()  # the run still training is left for the next call
+    assert point.run_id == first.run_id
+    assert point.flags == {"seed": 0, "pgd-eps": "2/255", "eval-attack": "apgd",
+                           "eval-only": str((tmp_path / robust.name / first.run_id).resolve())}
+    assert sweep_runner.evaluation_extra(["--data-root", "/d", "--lr", "2", "--download", "--seed=3"]) == \
+        ["--data-root", "/d", "--seed=3"]
 
 
 def test_sweep_files_expand_to_named_points():
