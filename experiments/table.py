@@ -2,11 +2,12 @@
 under PGD and AutoAttack.
 
     python -m experiments.table experiments/results/mnist-study-v2-final.csv [--by norm noise_multiplier training]
-        [--out experiments/results/mnist-study-v2-table]
+        [--out experiments/results/mnist-study-v2-table] [--published experiments/results/published-cpu.csv]
 
 Writes ``<out>.md`` (a Markdown table for the docs) and ``<out>.csv``. "Best epoch" is the epoch with the
 best *validation* accuracy of each run (the test set never picks it); runs without a validation split have no
-best-epoch column. "Minutes per run" is the mean of the runs' own wall time (a resumed run's parts summed).
+best-epoch column. ``--published FILE`` puts the published numbers beside each cell: a CSV with some of the
+``--by`` columns and a ``published`` column (the number and who reported it). "Minutes per run" is the mean of the runs' own wall time (a resumed run's parts summed).
 Intervals are Student-t 95% intervals of the mean over seeds (mean +- t * sd / sqrt(n)), the honest choice for
 three seeds: a bootstrap over three values understates the spread.
 """
@@ -130,6 +131,26 @@ def cell_table(table: pd.DataFrame, by: List[str]) -> pd.DataFrame:
     return cells.drop(columns=empty)  # e.g. best epoch for runs without a validation split
 
 
+def with_published(cells: pd.DataFrame, published: pd.DataFrame, by: List[str]) -> pd.DataFrame:
+    """``cells`` with a ``published`` column after its key columns, matched on the ``by`` columns that
+    ``published`` has (numbers compared as numbers: a target epsilon of 3 matches 3.0); "-" where none was
+    published."""
+    keys = [c for c in by if c in published]
+    if "published" not in published or not keys:
+        raise UserError(f"a published-numbers file needs a 'published' column and at least one of {', '.join(by)}")
+
+    def key(frame: pd.DataFrame) -> pd.Series:
+        def cell(value):
+            number = pd.to_numeric(value, errors="coerce")
+            return f"{number:g}" if not pd.isna(number) else str(value)
+        return frame[keys].apply(lambda row: tuple(cell(v) for v in row), axis=1)
+
+    numbers = dict(zip(key(published), published["published"].fillna("-").astype(str)))
+    cells = cells.copy()
+    cells.insert(len(by), "published", [numbers.get(k, "-") for k in key(cells)] if len(cells) else [])
+    return cells
+
+
 def to_markdown(cells: pd.DataFrame) -> str:
     def text(column, value):
         if isinstance(value, Interval):
@@ -164,12 +185,18 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("csv", type=Path, help="a table from experiments.collect")
     parser.add_argument("--by", nargs="+", default=CELL, help=f"the columns that make a cell (default {CELL})")
     parser.add_argument("--out", type=Path, help="writes OUT.md and OUT.csv (default: beside the CSV, -table)")
+    parser.add_argument("--published", type=Path, help="a CSV of published numbers to put beside the cells (some "
+                        "--by columns and 'published')")
     args = parser.parse_args(argv)
     try:
-        if not args.csv.exists():
-            raise UserError(f"{args.csv} does not exist; run python -m experiments.collect first")
+        for path in (args.csv, args.published):
+            if path is not None and not path.exists():
+                raise UserError(f"{path} does not exist" + ("; run python -m experiments.collect first"
+                                                            if path == args.csv else ""))
         table = pd.read_csv(args.csv)
         cells = cell_table(table, args.by)
+        if args.published:
+            cells = with_published(cells, pd.read_csv(args.published), args.by)
     except UserError as error:
         print(f"experiments.table: error: {error}", file=sys.stderr)
         return 2

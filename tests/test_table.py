@@ -11,7 +11,8 @@ from scipy import stats
 
 from experiments.collect import add_evaluations, public_size, training_name
 from experiments.figures import accuracy_vs_epsilon, accuracy_vs_public_size
-from experiments.table import Interval, accuracy_band, best_epoch_rows, cell_table, t_interval, to_markdown
+from experiments.table import (Interval, accuracy_band, best_epoch_rows, cell_table, t_interval, to_markdown,
+                               with_published)
 from src.errors import UserError
 
 
@@ -60,6 +61,22 @@ def test_the_table_gives_minutes_per_run_and_the_white_box_pair_by_name():
     assert "| 11.0 |" in to_markdown(cells.reset_index())
     table.loc[table["run_id"] == "group-0", "wall_seconds"] = None  # a run recorded before wall times
     assert "minutes per run" not in cell_table(table[table["norm"] == "group"], ["norm"])
+
+
+def test_published_numbers_stand_beside_the_cell_they_match(tmp_path):
+    """README's CPU table: the published number of each (norm, noise) cell, numbers matched as numbers (the
+    collected 5.0 against a file's 5), "-" where nothing was published; a file without the column is refused."""
+    cells = cell_table(_runs(), ["norm", "noise_multiplier"])
+    published = pd.DataFrame({"norm": ["group", "bn-public"], "noise_multiplier": [5, 1],
+                              "published": ["69.3 (Tramer & Boneh)", "50.0 (other noise)"]})
+    joined = with_published(cells, published, ["norm", "noise_multiplier"]).set_index("norm")
+    assert list(joined.columns[:2]) == ["noise_multiplier", "published"]
+    assert joined.loc["group", "published"] == "69.3 (Tramer & Boneh)" and joined.loc["bn-public", "published"] == "-"
+    assert "| group | 5 | 69.3 (Tramer & Boneh) | 3 |" in to_markdown(joined.reset_index())
+    with pytest.raises(UserError, match="'published' column"):
+        with_published(cells, published.drop(columns=["published"]), ["norm"])
+    with pytest.raises(UserError, match="at least one of"):
+        with_published(cells, published[["published"]], ["norm"])
 
 
 def test_cell_table_reports_final_and_validation_picked_best_epoch():
