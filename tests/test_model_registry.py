@@ -52,6 +52,10 @@ def test_a_models_defaults_replace_the_datasets_and_flags_replace_both():
     assert given.privacy.noise == 2.0 and given.privacy.target_epsilon is None  # noise replaces the target
     cnn = config_for("mnist", model="scatternet-cnn")
     assert (cnn.train.batch_size, cnn.train.lr, cnn.privacy.clip, cnn.privacy.target_epsilon) == (1024, 1.0, 0.1, 3.0)
+    cifar_cnn = config_for("cifar10", model="scatternet-cnn")  # tuned: bn-dp at the published batch 8192 and lr 4
+    assert (cifar_cnn.model.norm, cifar_cnn.model.norm_clip, cifar_cnn.train.batch_size, cifar_cnn.train.lr,
+            cifar_cnn.train.epochs, cifar_cnn.train.ema) == ("bn-dp", 2.0, 8192, 4.0, 60, None)
+    assert cnn.model.norm == "group"  # on MNIST GroupNorm won at the tuned lr
     # a family's defaults differ per dataset: on MNIST the tuned linear head normalizes with bn-dp
     mnist_linear = config_for("mnist", model="scatternet-linear")
     assert (mnist_linear.model.norm, mnist_linear.model.norm_clip, mnist_linear.train.lr) == ("bn-dp", 0.5, 4.0)

@@ -78,7 +78,7 @@ MODELS: Mapping[str, ModelFamily] = {family.name: family for family in (
                 "src.models.scatternet", datasets=("mnist", "cifar10"), norms=SCATTERING_NORMS,
                 weight_standardization=False, norm_groups=True,
                 defaults={"mnist": scattering_recipe("mnist", batch_size=1024, lr=1.0, epochs=40),
-                          "cifar10": scattering_recipe("cifar10", batch_size=8192, epochs=60)}),
+                          "cifar10": scattering_recipe("cifar10", batch_size=8192, epochs=60, norm="bn-dp")}),
     ModelFamily("cnn", "end-to-end tanh CNN of Tramer & Boneh 2021 (Papernot et al. 2021): 26k parameters for "
                 "mnist, 550k for cifar10", "src.models.cnn", datasets=("mnist", "cifar10"),
                 defaults={"mnist": {**END_TO_END_RECIPE, "batch_size": 512, "lr": 0.5, "epochs": 40},
