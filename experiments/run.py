@@ -28,8 +28,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from experiments.sweep import GridPoint, Stage, Sweep, load_sweep, wandb_sweep_spec
 from attacks.defaults import EVAL_ATTACKS
+from experiments.sweep import GridPoint, Stage, Sweep, load_sweep, wandb_sweep_spec
 from src.config import WANDB_MODES
 from src.errors import UserError
 from src.run_directory import RunDirectory

@@ -7,7 +7,8 @@ under PGD and AutoAttack.
 Writes ``<out>.md`` (a Markdown table for the docs) and ``<out>.csv``. "Best epoch" is the epoch with the
 best *validation* accuracy of each run (the test set never picks it); runs without a validation split have no
 best-epoch column. ``--published FILE`` puts the published numbers beside each cell: a CSV with some of the
-``--by`` columns and a ``published`` column (the number and who reported it). "Minutes per run" is the mean of the runs' own wall time (a resumed run's parts summed).
+``--by`` columns and a ``published`` column (the number and who reported it). "Minutes per run" is the mean of
+the runs' own wall time (a resumed run's parts summed).
 Intervals are Student-t 95% intervals of the mean over seeds (mean +- t * sd / sqrt(n)), the honest choice for
 three seeds: a bootstrap over three values understates the spread.
 """
@@ -147,7 +148,7 @@ def with_published(cells: pd.DataFrame, published: pd.DataFrame, by: List[str]) 
 
     numbers = dict(zip(key(published), published["published"].fillna("-").astype(str)))
     cells = cells.copy()
-    cells.insert(len(by), "published", [numbers.get(k, "-") for k in key(cells)] if len(cells) else [])
+    cells.insert(len(by), "published", [numbers.get(k, "-") for k in key(cells)])  # cell_table: never empty
     return cells
 
 
