@@ -1,10 +1,12 @@
 """The study's table: per cell, final and best-epoch accuracy over seeds with 95% intervals, and robust accuracy
 under PGD and AutoAttack.
 
-    python -m experiments.table experiments/results/mnist-study-v2-final.csv [--by norm noise_multiplier training]
-        [--out experiments/results/mnist-study-v2-table] [--published experiments/results/published-cpu.csv]
+    python -m experiments.table experiments/results/mnist-study-v2-final.csv [MORE.csv ...]
+        [--by norm noise_multiplier training] [--out experiments/results/mnist-study-v2-table]
+        [--published experiments/results/published-cpu.csv]
 
-Writes ``<out>.md`` (a Markdown table for the docs) and ``<out>.csv``. "Best epoch" is the epoch with the
+Writes ``<out>.md`` (a Markdown table for the docs) and ``<out>.csv``; several CSVs make one table (e.g. the
+MNIST and CIFAR-10 sweeps of one README table). "Best epoch" is the epoch with the
 best *validation* accuracy of each run (the test set never picks it); runs without a validation split have no
 best-epoch column. ``--published FILE`` puts the published numbers beside each cell: a CSV with some of the
 ``--by`` columns and a ``published`` column (the number and who reported it). "Minutes per run" is the mean of
@@ -181,27 +183,40 @@ def to_csv(cells: pd.DataFrame) -> str:
     return pd.DataFrame(flat).to_csv(index=False)
 
 
+def read_runs(paths: Sequence[Path]) -> pd.DataFrame:
+    """The collected tables of ``paths`` as one. Run ids are only unique within a sweep (two sweeps both have a
+    ``model-scatternet-cnn_seed-0``), so each is prefixed with its file's name: otherwise a cell would pick up the
+    other sweep's epochs of the same id."""
+    frames = []
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path} does not exist; run python -m experiments.collect first")
+        frame = pd.read_csv(path)
+        if "run_id" in frame:
+            frame["run_id"] = path.stem + "/" + frame["run_id"].astype(str)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.table", description=__doc__.split("\n\n")[0])
-    parser.add_argument("csv", type=Path, help="a table from experiments.collect")
+    parser.add_argument("csv", type=Path, nargs="+", help="tables from experiments.collect (one table of all)")
     parser.add_argument("--by", nargs="+", default=CELL, help=f"the columns that make a cell (default {CELL})")
     parser.add_argument("--out", type=Path, help="writes OUT.md and OUT.csv (default: beside the CSV, -table)")
     parser.add_argument("--published", type=Path, help="a CSV of published numbers to put beside the cells (some "
                         "--by columns and 'published')")
     args = parser.parse_args(argv)
     try:
-        for path in (args.csv, args.published):
-            if path is not None and not path.exists():
-                raise UserError(f"{path} does not exist" + ("; run python -m experiments.collect first"
-                                                            if path == args.csv else ""))
-        table = pd.read_csv(args.csv)
+        if args.published is not None and not args.published.exists():
+            raise UserError(f"{args.published} does not exist")
+        table = read_runs(args.csv)
         cells = cell_table(table, args.by)
         if args.published:
             cells = with_published(cells, pd.read_csv(args.published), args.by)
     except UserError as error:
         print(f"experiments.table: error: {error}", file=sys.stderr)
         return 2
-    out = args.out or args.csv.with_name(f"{args.csv.stem}-table")
+    out = args.out or args.csv[0].with_name(f"{args.csv[0].stem}-table")
     markdown_path, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"
     markdown = to_markdown(cells)
     atomic_write_text(markdown_path, markdown)

@@ -79,6 +79,27 @@ def test_published_numbers_stand_beside_the_cell_they_match(tmp_path):
         with_published(cells, published[["published"]], ["norm"])
 
 
+def test_several_sweeps_make_one_table_without_mixing_runs_of_the_same_id(tmp_path, capsys):
+    """README's CPU table reads the MNIST and CIFAR-10 sweeps together; both have a run ``group-0`` (ids are only
+    unique within a sweep), and each cell must keep its own sweep's epochs."""
+    from experiments.table import main
+
+    mnist, cifar = _runs().assign(dataset="mnist", status="finished"), _runs().assign(dataset="cifar10",
+                                                                                        status="finished")
+    cifar["test_acc"] -= 30  # with ids mixed, each id's last epoch would come from one sweep only
+    mnist.to_csv(tmp_path / "mnist.csv", index=False)
+    cifar.to_csv(tmp_path / "cifar.csv", index=False)
+    out = tmp_path / "both"
+    assert main([str(tmp_path / "mnist.csv"), str(tmp_path / "cifar.csv"), "--by", "dataset", "norm",
+                 "--out", str(out)]) == 0
+    cells = pd.read_csv(f"{out}.csv").set_index(["dataset", "norm"])
+    expected = {(name, norm): Interval.of([70 + shift + seed + 15 - offset for seed in (0, 1, 2)]).mean
+                for name, offset in (("mnist", 0), ("cifar10", 30)) for norm, shift in (("group", 0), ("bn-public", 1))}
+    for key, mean in expected.items():
+        assert cells.loc[key, "test acc, final mean"] == pytest.approx(mean), key
+    assert main([str(tmp_path / "missing.csv")]) == 2 and "does not exist" in capsys.readouterr().err
+
+
 def test_cell_table_reports_final_and_validation_picked_best_epoch():
     table = _runs()
     best = best_epoch_rows(table)
