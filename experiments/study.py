@@ -4,12 +4,16 @@
 
 A study file (YAML) has a ``name``, a ``dataset``, ``cells`` (a grid: every combination is one cell, e.g.
 norm x noise x training), ``training`` (what each training name means as flags), ``tune`` (the values tried
-per cell and the tuning seed), ``seeds`` and ``fixed`` flags. Three stages, each an ordinary sweep of
-``experiments.run`` (resumable: finished runs are skipped, interrupted ones resume from their checkpoint):
+per cell and the tuning seed), ``seeds`` and ``fixed`` flags. ``tune`` may name several flags: each cell tries
+every combination, and a flag given as ``{values: [...], when: {norm: [bn-dp]}}`` is tried only in the cells
+that match (``--norm-noise`` means nothing to the other norms). ``narrow`` cuts a training down when the budget
+does not hold all of it: ``narrow: {fgsm-rs: {target-epsilon: [8], seeds: [0, 1]}}`` keeps only its cells at
+those values and runs them on those seeds. Three stages, each an ordinary sweep of ``experiments.run``
+(resumable: finished runs are skipped, interrupted ones resume from their checkpoint):
 
 1. ``<name>-tune``: every cell at every tuned value, the tuning seed, no robust evaluation (a cell whose
    training is in ``borrow_tuning`` takes the choice of the same cell under the training named there). The
-   choice per cell is the value with the best validation accuracy after the last epoch (ties: the first
+   choice per cell is the values with the best validation accuracy after the last epoch (ties: the first
    listed); the test numbers these runs also record are never read. Written to ``<out>/<name>-selection.json``.
 2. ``<name>-final``: every cell at its chosen value, each seed: the runs the study reports.
 3. ``<name>-autoattack``: ``vision.py --eval-only`` of every final model under AutoAttack, on the same first
@@ -37,12 +41,25 @@ from src.run_directory import RunDirectory, runs_in
 
 
 @dataclass(frozen=True)
+class Tuned:
+    """One tuned flag: its values, and the cells it is tried in (``when``: cell key -> allowed values; empty:
+    every cell)."""
+
+    flag: str
+    values: list
+    when: Dict[str, list] = field(default_factory=dict)
+
+    def applies(self, cell: Dict[str, Any]) -> bool:
+        return all(cell.get(key) in allowed for key, allowed in self.when.items())
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     dataset: str
     cells: Dict[str, list]  # grid of cells; "training" values are names in ``training``
     training: Dict[str, dict]
-    tune: Dict[str, list]  # flag -> values tried per cell (one flag, e.g. lr)
+    tune: List[Tuned]  # the flags tried per cell (e.g. lr; bn-dp's noise in bn-dp cells only)
     tune_seed: int
     seeds: list
     fixed: Dict[str, Any] = field(default_factory=dict)
@@ -50,10 +67,27 @@ class Study:
     # training name -> training name whose tuned value it takes (e.g. the costly PGD-k cells take the FGSM-RS
     # cells' choice: the study's question is the normalization, not a retuning per attack)
     borrow_tuning: Dict[str, str] = field(default_factory=dict)
+    # training name -> {cell key: values kept, "seeds": seeds}: a training cut down to fit the budget
+    narrow: Dict[str, dict] = field(default_factory=dict)
 
     def cell_values(self) -> List[Dict[str, Any]]:
+        """The cells, in grid order, without those a ``narrow`` entry leaves out."""
         keys = list(self.cells)
-        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.cells[k] for k in keys))]
+        cells = [dict(zip(keys, combo)) for combo in itertools.product(*(self.cells[k] for k in keys))]
+        return [cell for cell in cells if all(cell.get(key) in kept for key, kept in self._narrowed(cell).items())]
+
+    def _narrowed(self, cell: Dict[str, Any]) -> Dict[str, list]:
+        return {k: v for k, v in self.narrow.get(cell.get("training"), {}).items() if k != "seeds"}
+
+    def seeds_of(self, cell: Dict[str, Any]) -> list:
+        return list(self.narrow.get(cell.get("training"), {}).get("seeds", self.seeds))
+
+    def trials(self, cell: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """Every combination of the tuned values this cell tries, in the file's order (the first is the
+        tie-breaker)."""
+        tuned = [t for t in self.tune if t.applies(cell)]
+        combos = itertools.product(*(t.values for t in tuned))
+        return [dict(zip((t.flag for t in tuned), combo)) for combo in combos]
 
     def cell_flags(self, cell: Dict[str, Any]) -> Dict[str, Any]:
         """The flags of a cell: its values, with a training name replaced by what it means."""
@@ -62,9 +96,6 @@ class Study:
             flags.update(self.training[cell["training"]])
         return flags
 
-    @property
-    def tuned(self) -> str:
-        return next(iter(self.tune))
 
 
 def _point(values: Dict[str, Any], flags: Dict[str, Any]) -> GridPoint:
@@ -76,48 +107,51 @@ def tune_stage(study: Study) -> Stage:
     for cell in study.cell_values():
         if cell.get("training") in study.borrow_tuning:
             continue
-        for value in study.tune[study.tuned]:
-            values = {**cell, study.tuned: value}
-            flags = {**study.fixed, **study.cell_flags(cell), study.tuned: value, "seed": study.tune_seed,
+        for trial in study.trials(cell):
+            flags = {**study.fixed, **study.cell_flags(cell), **trial, "seed": study.tune_seed,
                      "eval-robust-size": 0}
-            points.append(_point(values, flags))
+            points.append(_point({**cell, **trial}, flags))
     return Stage(f"{study.name}-tune", study.dataset, points)
 
 
 def select(study: Study, out: Path) -> Dict[str, Any]:
-    """Per cell (by its run-id prefix), the tuned value with the best final validation accuracy."""
+    """Per cell (by its run-id prefix), the tuned values with the best final validation accuracy."""
     stage_dir = out / f"{study.name}-tune"
     choices = {}
     for cell in study.cell_values():
         if cell.get("training") in study.borrow_tuning:
             continue
         scores = []
-        for value in study.tune[study.tuned]:
-            run = RunDirectory(stage_dir / _run_id({**cell, study.tuned: value}))
+        for trial in study.trials(cell):
+            run = RunDirectory(stage_dir / _run_id({**cell, **trial}))
             if run_state(run.path) not in ("finished", "diverged"):
                 raise UserError(f"tuning run {run.path.name} is not done ({run_state(run.path)}); run the study "
                                 "again to finish it")
             val = run.read_summary().to_dict().get("val_acc")
-            scores.append((val if val is not None else float("-inf"), value))
-        best = max(scores, key=lambda s: s[0])  # the first listed among ties
-        choices[_run_id(cell)] = {"cell": cell, study.tuned: best[1], "val_acc": best[0],
-                                  "tried": [{study.tuned: v, "val_acc": s} for s, v in scores]}
+            scores.append((val if val is not None else float("-inf"), trial))
+        best_val, best = max(scores, key=lambda s: s[0])  # the first listed among ties
+        choices[_run_id(cell)] = {"cell": cell, **best, "val_acc": best_val,
+                                  "tried": [{**trial, "val_acc": val} for val, trial in scores]}
     for cell in study.cell_values():
         lender = study.borrow_tuning.get(cell.get("training"))
         if lender is not None:
             choice = choices[_run_id({**cell, "training": lender})]
-            choices[_run_id(cell)] = {"cell": cell, study.tuned: choice[study.tuned], "borrowed_from": lender}
+            choices[_run_id(cell)] = {"cell": cell, **chosen_flags(study, choice), "borrowed_from": lender}
     return choices
+
+
+def chosen_flags(study: Study, choice: Dict[str, Any]) -> Dict[str, Any]:
+    """The tuned flags of a cell's choice (its entry in the selection also holds the cell and the scores)."""
+    return {t.flag: choice[t.flag] for t in study.tune if t.flag in choice}
 
 
 def final_stage(study: Study, choices: Dict[str, Any]) -> Stage:
     points = []
     for cell in study.cell_values():
-        chosen = choices[_run_id(cell)][study.tuned]
-        for seed in study.seeds:
+        chosen = chosen_flags(study, choices[_run_id(cell)])
+        for seed in study.seeds_of(cell):
             values = {**cell, "seed": seed}
-            points.append(_point(values, {**study.fixed, **study.cell_flags(cell), study.tuned: chosen,
-                                          "seed": seed}))
+            points.append(_point(values, {**study.fixed, **study.cell_flags(cell), **chosen, "seed": seed}))
     return Stage(f"{study.name}-final", study.dataset, points)
 
 
@@ -155,8 +189,9 @@ def load_study(path) -> Study:
     tune = dict(raw["tune"])
     tune_seed = tune.pop("seed", 0)
     fixed, training = raw.get("fixed") or {}, raw.get("training") or {}
-    if len(tune) != 1 or not all(isinstance(v, list) and v for v in tune.values()):
-        raise UserError(f"study file {path}: tune names one flag and its list of values (and optionally seed)")
+    tuned = [_tuned(path, flag, spec, raw["cells"]) for flag, spec in tune.items()]
+    if not tuned:
+        raise UserError(f"study file {path}: tune names at least one flag and its list of values")
     if not fixed.get("val-size"):
         raise UserError(f"study file {path}: tuning needs a validation split; set val-size in fixed")
     names = set(raw["cells"].get("training", []))
@@ -168,9 +203,31 @@ def load_study(path) -> Study:
     borrow = raw.get("borrow_tuning") or {}
     if not set(borrow) <= names or not set(borrow.values()) <= names - set(borrow):
         raise UserError(f"study file {path}: borrow_tuning maps a training name to a tuned one, got {borrow}")
-    return Study(name=str(raw["name"]), dataset=str(raw["dataset"]), cells=raw["cells"], training=training,
-                 tune=tune, tune_seed=int(tune_seed), seeds=list(raw["seeds"]), fixed=fixed,
-                 autoattack=bool(raw.get("autoattack", True)), borrow_tuning=dict(borrow))
+    narrow = raw.get("narrow") or {}
+    for name, kept in narrow.items():
+        if name not in names or not isinstance(kept, dict) or set(kept) - set(raw["cells"]) - {"seeds"} \
+                or not all(isinstance(v, list) and v for v in kept.values()):
+            raise UserError(f"study file {path}: narrow maps a training name to lists of kept cell values (or "
+                            f"seeds), got {name}: {kept}")
+    study = Study(name=str(raw["name"]), dataset=str(raw["dataset"]), cells=raw["cells"], training=training,
+                  tune=tuned, tune_seed=int(tune_seed), seeds=list(raw["seeds"]), fixed=fixed,
+                  autoattack=bool(raw.get("autoattack", True)), borrow_tuning=dict(borrow), narrow=dict(narrow))
+    for cell in study.cell_values():  # a borrowing cell needs its lender among the cells
+        lender = borrow.get(cell.get("training"))
+        if lender is not None and {**cell, "training": lender} not in study.cell_values():
+            raise UserError(f"study file {path}: {_run_id(cell)} borrows from a cell the study does not run")
+    return study
+
+
+def _tuned(path: Path, flag: str, spec, cells: Dict[str, list]) -> Tuned:
+    """A ``tune`` entry: a flag's list of values, or ``{values: [...], when: {cell key: [values]}}``."""
+    values, when = (spec, {}) if isinstance(spec, list) else \
+        (spec.get("values"), spec.get("when") or {}) if isinstance(spec, dict) else (None, {})
+    if not isinstance(values, list) or not values or not all(isinstance(v, list) and k in cells
+                                                             for k, v in when.items()):
+        raise UserError(f"study file {path}: tune.{flag} is a list of values, or values and a when that names "
+                        f"cell keys and their lists, got {spec}")
+    return Tuned(flag, list(values), dict(when))
 
 
 def main(argv=None) -> int:

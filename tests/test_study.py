@@ -132,7 +132,7 @@ def test_the_shipped_study_files_load():
     assert set(study.cells["norm"]) == {"none", "group", "layer", "bn-public"} and study.cells["noise"] == [1, 5, 10]
     assert study.fixed["val-size"] > 0 and study.seeds == [0, 1, 2]
     tuned_cells = 4 * 3 * 2  # the pgd-3 cells borrow the fgsm-rs choice
-    assert len(tune_stage(study).points()) == tuned_cells * len(study.tune["lr"])
+    assert len(tune_stage(study).points()) == tuned_cells * len(study.tune[0].values)
     assert len(final_stage(study, choices_for(study)).points()) == 4 * 3 * 3 * 3
     sizes = load_sweep(REPO / "experiments" / "sweeps" / "mnist_public_size.yaml")
     assert sorted({p.values["public-size"] for p in sizes.points()}) == [16, 32, 64, 105]
@@ -141,3 +141,81 @@ def test_the_shipped_study_files_load():
     cifar = load_study(REPO / "experiments" / "sweeps" / "cifar10_study_v2.yaml")
     assert cifar.dataset == "cifar10" and set(cifar.cells["norm"]) == {"none", "group", "bn-public"}
     assert len(tune_stage(cifar).points()) + len(final_stage(cifar, choices_for(cifar)).points()) == 135
+
+
+NARROWED = """name: narrow-study
+dataset: cifar10
+cells:
+  norm: [group, bn-dp]
+  target-epsilon: [1, 8]
+  training: [clean, fgsm-rs]
+training:
+  clean: {robust: false}
+  fgsm-rs: {robust: true, attack: fgsm-rs}
+borrow_tuning:
+  fgsm-rs: clean
+narrow:
+  fgsm-rs: {target-epsilon: [8], seeds: [0, 1]}
+tune:
+  lr: [2, 4]
+  norm-noise: {values: [8, 16], when: {norm: [bn-dp]}}
+  seed: 0
+seeds: [0, 1, 2]
+fixed:
+  val-size: 5000
+"""
+
+
+def test_a_flag_tuned_in_some_cells_and_a_training_narrowed_to_fit(tmp_path):
+    """The CIFAR-10 study's shape: bn-dp's noise is tried only in bn-dp cells (other norms refuse the flag), the
+    robust arm runs at epsilon 8 on two seeds with the clean cell's choice, and the choice of the best pair is
+    read from validation accuracy alone."""
+    from experiments.study import final_stage, select, tune_stage
+    from experiments.sweep import _run_id
+
+    path = tmp_path / "study.yaml"
+    path.write_text(NARROWED)
+    study = load_study(path)
+    assert [c for c in study.cell_values() if c["training"] == "fgsm-rs"] == [
+        {"norm": "group", "target-epsilon": 8, "training": "fgsm-rs"},
+        {"norm": "bn-dp", "target-epsilon": 8, "training": "fgsm-rs"}]
+    tune = tune_stage(study).points()
+    assert len(tune) == 2 * 2 + 2 * 4  # group: 2 lr; bn-dp: 2 lr x 2 noise; clean cells only (fgsm-rs borrows)
+    assert all(("norm-noise" in p.flags) == (p.values["norm"] == "bn-dp") for p in tune)
+    assert {p.flags["seed"] for p in tune} == {0} and all(p.flags["eval-robust-size"] == 0 for p in tune)
+
+    # Validation accuracies the runs "wrote": best is bn-dp at lr 4, noise 16 (eps 1); ties go to the first listed.
+    for point in tune:
+        noisier_wins = point.flags.get("norm-noise") == 16 and point.values["target-epsilon"] == 1
+        val = 60.0 + (point.flags["lr"] == 4) + 2 * noisier_wins
+        run = tmp_path / "narrow-study-tune" / point.run_id
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"status": "finished", "val_acc": val, "test_acc": 100 - val}))
+    choices = select(study, tmp_path)
+    eps1 = choices[_run_id({"norm": "bn-dp", "target-epsilon": 1, "training": "clean"})]
+    assert (eps1["lr"], eps1["norm-noise"], eps1["val_acc"]) == (4, 16, 63.0) and len(eps1["tried"]) == 4
+    eps8 = choices[_run_id({"norm": "bn-dp", "target-epsilon": 8, "training": "clean"})]
+    assert (eps8["lr"], eps8["norm-noise"]) == (4, 8)  # 16 ties with 8 at epsilon 8: the first listed
+    robust = choices[_run_id({"norm": "bn-dp", "target-epsilon": 8, "training": "fgsm-rs"})]
+    assert robust["borrowed_from"] == "clean" and (robust["lr"], robust["norm-noise"]) == (4, 8)
+    assert "norm-noise" not in choices[_run_id({"norm": "group", "target-epsilon": 1, "training": "clean"})]
+
+    final = final_stage(study, choices).points()
+    assert len(final) == 4 * 3 + 2 * 2  # clean: 4 cells x 3 seeds; fgsm-rs: 2 cells x 2 seeds
+    robust_runs = [p for p in final if p.values["training"] == "fgsm-rs"]
+    assert {p.flags["seed"] for p in robust_runs} == {0, 1}
+    assert all(p.flags["robust"] and p.flags["target-epsilon"] == 8 for p in robust_runs)
+    assert all(p.flags.get("norm-noise") == (8 if p.values["norm"] == "bn-dp" else None) for p in robust_runs)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("  norm-noise: {values: [8, 16], when: {norm: [bn-dp]}}", "  norm-noise: {values: [8], when: {nrm: [x]}}"),
+     "tune.norm-noise"),
+    (("  fgsm-rs: {target-epsilon: [8], seeds: [0, 1]}", "  fgsm-rs: {noise: [8]}"), "narrow"),
+    (("  fgsm-rs: {target-epsilon: [8], seeds: [0, 1]}", "  clean: {target-epsilon: [8]}"), "borrows from a cell"),
+])
+def test_a_malformed_tune_or_narrow_is_refused(tmp_path, change, message):
+    path = tmp_path / "study.yaml"
+    path.write_text(NARROWED.replace(*change))
+    with pytest.raises(UserError, match=message):
+        load_study(path)
