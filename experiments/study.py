@@ -16,8 +16,9 @@ those values and runs them on those seeds. Three stages, each an ordinary sweep 
    choice per cell is the values with the best validation accuracy after the last epoch (ties: the first
    listed); the test numbers these runs also record are never read. Written to ``<out>/<name>-selection.json``.
 2. ``<name>-final``: every cell at its chosen value, each seed: the runs the study reports.
-3. ``<name>-autoattack``: ``vision.py --eval-only`` of every final model under AutoAttack, on the same first
-   ``eval-robust-size`` test images as its PGD number.
+3. ``<name>-autoattack``: ``vision.py --eval-only`` of every final model under AutoAttack (``autoattack:
+   apgd`` for its white-box pair alone, ``false`` for none; models with ``eval-robust-size: 0`` are left
+   out), on the same first ``eval-robust-size`` test images as its PGD number.
 
 The validation split must be in ``fixed`` (``val-size``): tuning on test images is refused. When every stage is
 done, unless ``--wandb disabled``, ``experiments.dashboard`` collects the final runs (with their AutoAttack
@@ -31,8 +32,9 @@ import itertools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+from attacks.defaults import ENSEMBLES
 from experiments.run import add_runner_arguments, evaluation_stage, run_state, run_sweep
 from experiments.sweep import FORBIDDEN, GridPoint, Stage, _run_id, point_flags, read_yaml
 from src.atomic_files import atomic_write_json
@@ -63,7 +65,7 @@ class Study:
     tune_seed: int
     seeds: list
     fixed: Dict[str, Any] = field(default_factory=dict)
-    autoattack: bool = True
+    autoattack: Optional[str] = "autoattack"  # the final models' last evaluation (an --eval-attack), or None
     # training name -> training name whose tuned value it takes (e.g. the costly PGD-k cells take the FGSM-RS
     # cells' choice: the study's question is the normalization, not a retuning per attack)
     borrow_tuning: Dict[str, str] = field(default_factory=dict)
@@ -155,9 +157,13 @@ def final_stage(study: Study, choices: Dict[str, Any]) -> Stage:
     return Stage(f"{study.name}-final", study.dataset, points)
 
 
-def autoattack_stage(study: Study, final: Stage, out: Path) -> Stage:
-    """``--eval-only`` of every finished final model under AutoAttack (same images, same radius and norm)."""
-    return evaluation_stage(final, out, "autoattack", name=f"{study.name}-autoattack")
+def autoattack_stage(study: Study, final: Stage, out: Path, attack: str = "autoattack") -> Stage:
+    """``--eval-only`` of every finished final model under AutoAttack (same images, same radius and norm),
+    except the models whose robust evaluation is off (``eval-robust-size: 0``, e.g. the CIFAR-10 study's
+    clean-trained models: 0% at any radius worth reporting, and AutoAttack through the scattering is the
+    costliest part of a run). ``attack`` is the study's ``autoattack`` setting (``apgd``: the white-box pair)."""
+    evaluated = Stage(final.name, final.dataset, [p for p in final.points() if p.flags.get("eval-robust-size") != 0])
+    return evaluation_stage(evaluated, out, attack, name=f"{study.name}-autoattack")
 
 
 def compute_hours(stage_dir: Path) -> float:
@@ -175,7 +181,8 @@ def run_study(study: Study, *, out: Path, jobs: int, wandb_mode: str = "offline"
     final = final_stage(study, choices)
     report["final"] = run_sweep(final, out=out, jobs=jobs, extra=[], wandb_mode=wandb_mode)
     if study.autoattack and not report["final"]["stopped_by"]:
-        report["autoattack"] = run_sweep(autoattack_stage(study, final, out), out=out, jobs=jobs, extra=[],
+        report["autoattack"] = run_sweep(autoattack_stage(study, final, out, study.autoattack), out=out, jobs=jobs,
+                                         extra=[],
                                          wandb_mode=wandb_mode)
     return report
 
@@ -211,12 +218,22 @@ def load_study(path) -> Study:
                             f"seeds), got {name}: {kept}")
     study = Study(name=str(raw["name"]), dataset=str(raw["dataset"]), cells=raw["cells"], training=training,
                   tune=tuned, tune_seed=int(tune_seed), seeds=list(raw["seeds"]), fixed=fixed,
-                  autoattack=bool(raw.get("autoattack", True)), borrow_tuning=dict(borrow), narrow=dict(narrow))
+                  autoattack=_final_attack(path, raw.get("autoattack", True)), borrow_tuning=dict(borrow), narrow=dict(narrow))
     for cell in study.cell_values():  # a borrowing cell needs its lender among the cells
         lender = borrow.get(cell.get("training"))
         if lender is not None and {**cell, "training": lender} not in study.cell_values():
             raise UserError(f"study file {path}: {_run_id(cell)} borrows from a cell the study does not run")
     return study
+
+
+def _final_attack(path: Path, setting) -> Optional[str]:
+    """The study's ``autoattack``: true (AutoAttack's standard ensemble), false (none) or an ensemble's name."""
+    if isinstance(setting, bool):
+        return "autoattack" if setting else None
+    if setting not in ENSEMBLES:
+        raise UserError(f"study file {path}: autoattack is true, false or one of {', '.join(ENSEMBLES)}, "
+                        f"got {setting}")
+    return str(setting)
 
 
 def _tuned(path: Path, flag: str, spec, cells: Dict[str, list]) -> Tuned:

@@ -150,10 +150,11 @@ cells:
   target-epsilon: [1, 8]
   training: [clean, fgsm-rs]
 training:
-  clean: {robust: false}
+  clean: {robust: false, eval-robust-size: 0}
   fgsm-rs: {robust: true, attack: fgsm-rs}
 borrow_tuning:
   fgsm-rs: clean
+autoattack: apgd
 narrow:
   fgsm-rs: {target-epsilon: [8], seeds: [0, 1]}
 tune:
@@ -207,12 +208,24 @@ def test_a_flag_tuned_in_some_cells_and_a_training_narrowed_to_fit(tmp_path):
     assert all(p.flags["robust"] and p.flags["target-epsilon"] == 8 for p in robust_runs)
     assert all(p.flags.get("norm-noise") == (8 if p.values["norm"] == "bn-dp" else None) for p in robust_runs)
 
+    # The last evaluation: APGD (the study's setting) of the finished robust models only; clean ones have none.
+    from experiments.study import autoattack_stage
+    from experiments.sweep import Stage
+    for point in final:
+        run = tmp_path / "narrow-study-final" / point.run_id
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"status": "finished", "test_acc": 50.0}))
+    attacked = autoattack_stage(study, Stage("narrow-study-final", "cifar10", final), tmp_path, study.autoattack)
+    assert sorted(p.run_id for p in attacked.points()) == sorted(p.run_id for p in robust_runs)
+    assert {p.flags["eval-attack"] for p in attacked.points()} == {"apgd"}
+
 
 @pytest.mark.parametrize("change, message", [
     (("  norm-noise: {values: [8, 16], when: {norm: [bn-dp]}}", "  norm-noise: {values: [8], when: {nrm: [x]}}"),
      "tune.norm-noise"),
     (("  fgsm-rs: {target-epsilon: [8], seeds: [0, 1]}", "  fgsm-rs: {noise: [8]}"), "narrow"),
     (("  fgsm-rs: {target-epsilon: [8], seeds: [0, 1]}", "  clean: {target-epsilon: [8]}"), "borrows from a cell"),
+    (("autoattack: apgd", "autoattack: square"), "autoattack is true, false or one of"),
 ])
 def test_a_malformed_tune_or_narrow_is_refused(tmp_path, change, message):
     path = tmp_path / "study.yaml"
