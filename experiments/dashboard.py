@@ -83,11 +83,11 @@ def draw_figures(table: pd.DataFrame, out: Path, prefix: str) -> Dict[str, Path]
 
 
 def write_cell_table(table: pd.DataFrame, stem: Path, by: Optional[List[str]] = None) -> List[Path]:
-    """``experiments.table``'s per-cell table (cells made by ``by``, default its ``CELL``) as ``<stem>.md`` and
-    ``<stem>.csv``."""
-    from experiments.table import CELL, cell_table, to_csv, to_markdown
+    """``experiments.table``'s per-cell table (cells made by ``by``, default its ``default_cell``) as ``<stem>.md``
+    and ``<stem>.csv``."""
+    from experiments.table import cell_table, default_cell, to_csv, to_markdown
 
-    cells = cell_table(table, by or CELL)
+    cells = cell_table(table, by or default_cell(table))
     paths = [stem.parent / f"{stem.name}.md", stem.parent / f"{stem.name}.csv"]
     atomic_write_text(paths[0], to_markdown(cells))
     atomic_write_text(paths[1], to_csv(cells))
@@ -95,9 +95,9 @@ def write_cell_table(table: pd.DataFrame, stem: Path, by: Optional[List[str]] = 
 
 
 def _line_keys(table: pd.DataFrame) -> List[str]:
-    from experiments.table import CELL
+    from experiments.table import default_cell
 
-    keys = [c for c in CELL if c in table]
+    keys = [c for c in default_cell(table) if c in table]
     if "public_size" in table and table["public_size"].nunique() > 1:  # the public-set-size sweep
         keys.append("public_size")
     return keys
@@ -106,6 +106,7 @@ def _line_keys(table: pd.DataFrame) -> List[str]:
 def _label(row, keys: List[str]) -> str:
     parts = [str(row["norm"])] if "norm" in keys else []
     parts += [f"noise {row['noise_multiplier']:g}"] if "noise_multiplier" in keys else []
+    parts += [f"epsilon {row['target_epsilon']:g}"] if "target_epsilon" in keys else []
     parts += [f"{int(row['public_size'])} public"] if "public_size" in keys else []
     return ", ".join(parts)
 

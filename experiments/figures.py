@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from experiments.collect import training_name  # noqa: E402
-from experiments.table import accuracy_band, final_rows, finished_only  # noqa: E402
+from experiments.table import accuracy_band, budget_column, final_rows, finished_only  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.run_directory import RunDirectory  # noqa: E402
 
@@ -61,21 +61,26 @@ def _with_training(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def accuracy_vs_epsilon(table: pd.DataFrame, column: str, out: Path, name: str) -> list:
-    """One point per epoch: mean over seeds and its Student-t 95% interval as a band; panels by noise multiplier
-    (columns) and training (rows), one colour per normalization."""
+    """One point per epoch: mean over seeds and its Student-t 95% interval as a band; panels by privacy budget
+    (columns: the noise multiplier, or the total epsilon of a study calibrated to one) and training (rows), one
+    colour per normalization."""
     table = finished_only(table)  # a run still going would thin the later epochs' means
     data = _with_training(table[table[column].notna() & table["epsilon"].notna()])
     data = data[data["epsilon"] != float("inf")]
     if data.empty:
         return []
+    budget = budget_column(data)
+    budgets = [f"{v:g}" for v in sorted(data[budget].unique())]  # panels titled 1, 3, 8 (not 1.0), in order
+    data = data.assign(**{budget: data[budget].map(lambda v: f"{v:g}")})
     trainings = sorted(data["training"].unique(), key=lambda t: (t != "clean", t))
-    grid = sns.relplot(data=data, x="epsilon", y=column, hue="norm", col="noise_multiplier", row="training",
-                       row_order=trainings, kind="line", marker="o", errorbar=accuracy_band,
+    grid = sns.relplot(data=data, x="epsilon", y=column, hue="norm", col=budget, row="training",
+                       col_order=budgets, row_order=trainings, kind="line", marker="o", errorbar=accuracy_band,
                        facet_kws={"sharex": "col", "sharey": False}, height=2.8, aspect=1.2)
     ylabel = "test accuracy (%)" if column == "test_acc" else "robust test accuracy (%)"
     grid.set_axis_labels(_privacy_label(data), ylabel)
-    grid.set_titles("{row_name} training, noise multiplier {col_name}")
-    per_cell = data.groupby(["norm", "noise_multiplier", "training"])["seed"].nunique()
+    grid.set_titles("{row_name} training, " + ("noise multiplier" if budget == "noise_multiplier"
+                                                else "total epsilon") + " {col_name}")
+    per_cell = data.groupby(["norm", budget, "training"])["seed"].nunique()
     seeds = str(per_cell.min()) if per_cell.min() == per_cell.max() else f"{per_cell.min()}-{per_cell.max()}"
     grid.figure.suptitle(f"{ylabel} vs privacy spent, one point per epoch (mean over {seeds} seed(s) per line, "
                          "band: 95% t-interval, cut to 0-100)", y=1.02)

@@ -218,7 +218,8 @@ def load_study(path) -> Study:
                             f"seeds), got {name}: {kept}")
     study = Study(name=str(raw["name"]), dataset=str(raw["dataset"]), cells=raw["cells"], training=training,
                   tune=tuned, tune_seed=int(tune_seed), seeds=list(raw["seeds"]), fixed=fixed,
-                  autoattack=_final_attack(path, raw.get("autoattack", True)), borrow_tuning=dict(borrow), narrow=dict(narrow))
+                  autoattack=_final_attack(path, raw.get("autoattack", True)), borrow_tuning=dict(borrow),
+                  narrow=dict(narrow))
     for cell in study.cell_values():  # a borrowing cell needs its lender among the cells
         lender = borrow.get(cell.get("training"))
         if lender is not None and {**cell, "training": lender} not in study.cell_values():

@@ -32,6 +32,19 @@ from src.errors import UserError
 CELL = ["norm", "noise_multiplier", "training"]
 
 
+def budget_column(table: pd.DataFrame) -> str:
+    """What a study holds equal across normalizations: the noise multiplier, or the total epsilon when every run
+    was calibrated to one (``--target-epsilon``; the noise then differs per cell, e.g. bn-dp's is larger because
+    its statistics are paid for inside the same epsilon)."""
+    calibrated = "target_epsilon" in table and not table.empty and table["target_epsilon"].notna().all()
+    return "target_epsilon" if calibrated else "noise_multiplier"
+
+
+def default_cell(table: pd.DataFrame) -> List[str]:
+    """The study's cell: normalization x privacy budget (``budget_column``) x training."""
+    return [budget_column(table) if c == "noise_multiplier" else c for c in CELL]
+
+
 @dataclass(frozen=True)
 class Interval:
     """Mean over seeds and the half-width of its Student-t 95% interval (nan with one seed)."""
@@ -201,7 +214,8 @@ def read_runs(paths: Sequence[Path]) -> pd.DataFrame:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.table", description=__doc__.split("\n\n")[0])
     parser.add_argument("csv", type=Path, nargs="+", help="tables from experiments.collect (one table of all)")
-    parser.add_argument("--by", nargs="+", default=CELL, help=f"the columns that make a cell (default {CELL})")
+    parser.add_argument("--by", nargs="+", help=f"the columns that make a cell (default {CELL}, or with the total "
+                        "epsilon in place of the noise when every run was calibrated to one)")
     parser.add_argument("--out", type=Path, help="writes OUT.md and OUT.csv (default: beside the CSV, -table)")
     parser.add_argument("--published", type=Path, help="a CSV of published numbers to put beside the cells (some "
                         "--by columns and 'published')")
@@ -210,9 +224,10 @@ def main(argv: Optional[list] = None) -> int:
         if args.published is not None and not args.published.exists():
             raise UserError(f"{args.published} does not exist")
         table = read_runs(args.csv)
-        cells = cell_table(table, args.by)
+        by = args.by or default_cell(table)
+        cells = cell_table(table, by)
         if args.published:
-            cells = with_published(cells, pd.read_csv(args.published), args.by)
+            cells = with_published(cells, pd.read_csv(args.published), by)
     except UserError as error:
         print(f"experiments.table: error: {error}", file=sys.stderr)
         return 2

@@ -172,3 +172,26 @@ def test_study_figures_draw_every_training_kind_and_the_public_size_curve(tmp_pa
     drawn = accuracy_vs_public_size(sizes, tmp_path, "sizes")
     assert drawn and drawn[0].stat().st_size > 5000
     assert accuracy_vs_public_size(sizes[sizes["public_size"] == 16], tmp_path, "one") == []
+
+
+def test_a_study_at_equal_total_epsilon_makes_its_cells_and_panels_by_that_epsilon(tmp_path, monkeypatch):
+    """The CIFAR-10 study holds the total epsilon equal: bn-dp pays for its statistics with more DP-SGD noise, so
+    the noise multiplier differs per norm inside one cell and must not split it (or name the figure's panels)."""
+    import experiments.figures as figures
+    from experiments.table import budget_column, default_cell
+
+    table = pd.concat([_runs().assign(target_epsilon=float(eps), run_id=lambda t, e=eps: t["run_id"] + f"-eps{e}")
+                       for eps in (1, 8)])
+    table["noise_multiplier"] = [4.5 if norm == "group" else 4.7 for norm in table["norm"]]  # bn-dp-like costs
+    table["delta"], table["accountant"] = 1e-5, "rdp"
+    assert budget_column(table) == "target_epsilon" and default_cell(table) == ["norm", "target_epsilon", "training"]
+    cells = cell_table(table, default_cell(table))
+    assert len(cells) == 4 and set(cells["target_epsilon"]) == {1, 8}
+    titles = []
+    monkeypatch.setattr(figures, "_save", lambda figure, out, name: titles.extend(
+        ax.get_title() for ax in figure.axes) or [out / f"{name}.png"])
+    assert accuracy_vs_epsilon(table, "test_acc", tmp_path, "study")
+    assert titles == ["clean training, total epsilon 1", "clean training, total epsilon 8"]
+    # a table with some runs not calibrated to an epsilon keeps the noise multiplier
+    table.loc[table.index[:3], "target_epsilon"] = None
+    assert default_cell(table) == ["norm", "noise_multiplier", "training"]
