@@ -5,10 +5,14 @@
 Written before the runs start, so that the budget is spent on purpose. A plan file (YAML) has a ``name``, a
 ``budget_hours``, the ``machine`` its minutes were measured on, and ``stages`` in the order they run. A stage
 names its ``sweeps`` (sweep files, run with ``python -m experiments.run``: resumable, results as they finish),
-or, for a stage whose sweep can only be written once an earlier stage has chosen its settings, declares its
-``runs`` per model. ``minutes_per_run`` gives the cost of one run of each model (the run's ``model`` flag, or
-the dataset's default model under the key ``default``), and ``basis`` says how it was measured. Runs per model
-are counted from the sweep files themselves, so the plan does not repeat them.
+or a ``study`` file and its ``part`` (``tune``, ``final`` or ``autoattack``: the stages ``python -m
+experiments.study`` runs; the final runs are counted before the tuning has chosen anything, since which value
+a cell takes does not change how many runs it has), or, for a stage whose sweep can only be written once an
+earlier stage has chosen its settings, declares its ``runs`` per model. ``minutes_per_run`` gives the cost of
+one run of each model (the run's ``model`` flag, or the dataset's default model under the key ``default``) or,
+with ``per: KEY``, of each value of another flag or cell key (e.g. ``per: training``: a robust run costs far more
+than a clean one), and ``basis`` says how it was measured. Runs are counted from the sweep and study files
+themselves, so the plan does not repeat them.
 
 It prints the stages as a table (runs, minutes each, hours), the total against the budget, and with ``--out``
 how many of each stage's runs are done and the hours they took. A plan over its budget is refused (exit 2).
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from experiments.run import DONE_STATES, run_state
+from experiments.study import attacked, final_stage, first_choices, load_study, tune_stage
+from experiments.sweep import Stage as StudyStage
 from experiments.sweep import Sweep, load_sweep, read_yaml
 from src.errors import UserError
 from src.run_directory import RunDirectory
@@ -35,12 +41,14 @@ class Stage:
     sweeps: List[Sweep] = field(default_factory=list)
     declared_runs: Dict[str, int] = field(default_factory=dict)  # model -> runs, before the sweep exists
     basis: str = ""
+    per: str = "model"  # what minutes_per_run is keyed by: a flag or cell value of each run
 
     def runs(self) -> Counter:
-        """Runs per model: counted from the sweeps, plus the declared ones."""
+        """Runs per model (or per ``per``): counted from the sweeps, plus the declared ones."""
         counts = Counter(self.declared_runs)
         for sweep in self.sweeps:
-            counts.update(str(point.flags.get("model", "default")) for point in sweep.points())
+            counts.update(str(point.values.get(self.per, point.flags.get(self.per, "default")))
+                          for point in sweep.points())
         return counts
 
     def hours(self) -> float:
@@ -86,13 +94,31 @@ def load_plan(path) -> ComputePlan:
         raise UserError(f"plan file {path} must be a mapping with name, budget_hours and stages")
     stages = []
     for entry in raw["stages"]:
-        if not entry.get("sweeps") and not entry.get("runs"):
-            raise UserError(f"plan file {path}: stage {entry.get('name')} has neither sweeps nor runs")
+        if not entry.get("sweeps") and not entry.get("runs") and not entry.get("study"):
+            raise UserError(f"plan file {path}: stage {entry.get('name')} has no sweeps, study or runs")
+        sweeps = [load_sweep(s) for s in entry.get("sweeps") or []]
+        if entry.get("study"):
+            sweeps.append(study_part(path, entry["study"], entry.get("part")))
         stages.append(Stage(name=str(entry["name"]), minutes_per_run=dict(entry["minutes_per_run"]),
-                            sweeps=[load_sweep(s) for s in entry.get("sweeps") or []],
-                            declared_runs=dict(entry.get("runs") or {}), basis=str(entry.get("basis", ""))))
+                            sweeps=sweeps, declared_runs=dict(entry.get("runs") or {}),
+                            basis=str(entry.get("basis", "")), per=str(entry.get("per", "model"))))
     return ComputePlan(name=str(raw["name"]), budget_hours=float(raw["budget_hours"]),
                        machine=str(raw.get("machine", "")), stages=stages)
+
+
+def study_part(plan_path: Path, study_path, part) -> Sweep:
+    """One stage of a study, as the study runs it: its tuning runs, its final runs (each cell at its first tried
+    values: the run ids and their number do not depend on the choice) or the final models its last evaluation
+    attacks (all of them planned, finished or not)."""
+    study = load_study(study_path)
+    if part == "tune":
+        return tune_stage(study)
+    if part not in ("final", "autoattack"):
+        raise UserError(f"plan file {plan_path}: a study stage's part is tune, final or autoattack, got {part}")
+    final = final_stage(study, first_choices(study))
+    if part == "final":
+        return final
+    return StudyStage(f"{study.name}-autoattack", final.dataset, attacked(final).points())
 
 
 def table(plan: ComputePlan, out: Path = None) -> str:

@@ -147,6 +147,12 @@ def chosen_flags(study: Study, choice: Dict[str, Any]) -> Dict[str, Any]:
     return {t.flag: choice[t.flag] for t in study.tune if t.flag in choice}
 
 
+def first_choices(study: Study) -> Dict[str, Any]:
+    """Every cell at its first tried values: the final stage's shape (its run ids and their number do not
+    depend on the choice) before the tuning has chosen, for plans and checks."""
+    return {_run_id(cell): {"cell": cell, **study.trials(cell)[0]} for cell in study.cell_values()}
+
+
 def final_stage(study: Study, choices: Dict[str, Any]) -> Stage:
     points = []
     for cell in study.cell_values():
@@ -162,8 +168,12 @@ def autoattack_stage(study: Study, final: Stage, out: Path, attack: str = "autoa
     except the models whose robust evaluation is off (``eval-robust-size: 0``, e.g. the CIFAR-10 study's
     clean-trained models: 0% at any radius worth reporting, and AutoAttack through the scattering is the
     costliest part of a run). ``attack`` is the study's ``autoattack`` setting (``apgd``: the white-box pair)."""
-    evaluated = Stage(final.name, final.dataset, [p for p in final.points() if p.flags.get("eval-robust-size") != 0])
-    return evaluation_stage(evaluated, out, attack, name=f"{study.name}-autoattack")
+    return evaluation_stage(attacked(final), out, attack, name=f"{study.name}-autoattack")
+
+
+def attacked(final: Stage) -> Stage:
+    """The final runs whose robust evaluation is on: the ones the last evaluation attacks."""
+    return Stage(final.name, final.dataset, [p for p in final.points() if p.flags.get("eval-robust-size") != 0])
 
 
 def compute_hours(stage_dir: Path) -> float:

@@ -54,3 +54,32 @@ def test_progress_counts_finished_runs_and_their_hours(tmp_path, capsys):
     assert main([str(plan), "--out", str(tmp_path / "runs")]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| tune"))
     assert row.endswith("| 1/3 | 0.75 |")
+
+
+def test_a_study_is_planned_stage_by_stage_with_costs_per_training(tmp_path, capsys):
+    """A study's tuning, final and last-evaluation stages, counted from the study file before any run: the
+    borrowed and narrowed training appears only in the final stage, on its own seeds, and its cost is its own."""
+    from tests.test_study import NARROWED
+
+    study = tmp_path / "study.yaml"
+    study.write_text(NARROWED)
+    plan = tmp_path / "plan.yaml"
+    stages = [{"name": part, "study": str(study), "part": part, "per": "training",
+               "minutes_per_run": {"clean": 6, "fgsm-rs": 60}} for part in ("tune", "final", "autoattack")]
+    plan.write_text(yaml.safe_dump({"name": "p", "budget_hours": 11, "stages": stages}))
+    loaded = load_plan(plan)
+    assert [dict(s.runs()) for s in loaded.stages] == [{"clean": 12}, {"clean": 12, "fgsm-rs": 4}, {"fgsm-rs": 4}]
+    assert loaded.hours() == (12 * 6 + 12 * 6 + 4 * 60 + 4 * 60) / 60
+    assert main([str(plan), "--out", str(tmp_path / "runs")]) == 0
+    assert "| final | 12 clean, 4 fgsm-rs | 6, 60 | 5.20 | 0/16 |" in capsys.readouterr().out
+    stages[0]["part"] = "seeds"
+    plan.write_text(yaml.safe_dump({"name": "p", "budget_hours": 11, "stages": stages}))
+    assert main([str(plan)]) == 2 and "part is tune, final or autoattack" in capsys.readouterr().err
+
+
+def test_the_committed_cifar10_study_plan_fits_its_budget_with_the_clean_arm_complete(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    plan = load_plan("experiments/plans/cpu_cifar10_study.yaml")
+    assert plan.budget_hours == 20 and 0 < plan.hours() <= plan.budget_hours
+    final = next(s for s in plan.stages if s.name == "final").runs()
+    assert final["clean"] == 4 * 3 * 3  # every norm at every epsilon, 3 seeds

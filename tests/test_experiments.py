@@ -144,16 +144,23 @@ def test_sweep_files_expand_to_named_points():
 @pytest.mark.parametrize("path", sorted((REPO / "experiments" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_committed_sweep_point_is_a_valid_command(path):
     """A flag misspelt or a combination vision.py refuses fails here, not hours into a compute plan. A study
-    file (``cells``) is checked through its tuning stage, whose points carry every cell's flags."""
-    from experiments.study import load_study, tune_stage
+    file (``cells``) is checked through its tuning and final stages (each cell at its first tried values), whose
+    points carry every cell's flags (a training whose cells borrow their tuning appears only in the final)."""
+    from experiments.study import final_stage, first_choices, load_study, tune_stage
     from src.cli import parse_flags
     from src.config import build_config
     from src.datasets import get_dataset, validate_for_dataset
 
-    sweep = tune_stage(load_study(path)) if "cells" in yaml.safe_load(path.read_text()) else load_sweep(path)
-    spec = get_dataset(sweep.dataset)
-    for point in sweep.points():
-        flags, _ = parse_flags(["--dataset", sweep.dataset, *point.argv()])
+    if "cells" in yaml.safe_load(path.read_text()):
+        study = load_study(path)
+        points = tune_stage(study).points() + final_stage(study, first_choices(study)).points()
+        dataset = study.dataset
+    else:
+        sweep = load_sweep(path)
+        points, dataset = sweep.points(), sweep.dataset
+    spec = get_dataset(dataset)
+    for point in points:
+        flags, _ = parse_flags(["--dataset", dataset, *point.argv()])
         validate_for_dataset(build_config(flags, spec.defaults), spec)
 
 
