@@ -81,8 +81,14 @@ def test_documented_table_and_figure_commands_read_only_shipped_files(module):
     commands = _documented_commands(module)
     assert commands, f"no documented python -m {module} command"
     for args in commands:
-        inputs = [word for previous, word in zip([None, *args], args)
-                  if previous not in ("--out", "--prefix", "--by") and not word.startswith("-")]
+        inputs, names_left = [], 0
+        for word in args:  # --out and --prefix take one name, --by columns up to the next flag: none are files
+            if word.startswith("-"):
+                names_left = {"--out": 1, "--prefix": 1, "--by": len(args)}.get(word, 0)
+            elif names_left:
+                names_left -= 1
+            else:
+                inputs.append(word)
         assert inputs, args
         missing = [word for word in inputs if not (REPO / word).exists()]
         assert not missing, f"python -m {module} {' '.join(args)}: {missing} not shipped"
