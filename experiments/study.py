@@ -76,10 +76,8 @@ class Study:
         """The cells, in grid order, without those a ``narrow`` entry leaves out."""
         keys = list(self.cells)
         cells = [dict(zip(keys, combo)) for combo in itertools.product(*(self.cells[k] for k in keys))]
-        return [cell for cell in cells if all(cell.get(key) in kept for key, kept in self._narrowed(cell).items())]
-
-    def _narrowed(self, cell: Dict[str, Any]) -> Dict[str, list]:
-        return {k: v for k, v in self.narrow.get(cell.get("training"), {}).items() if k != "seeds"}
+        return [cell for cell in cells if all(cell[key] in kept for key, kept in
+                                               self.narrow.get(cell.get("training"), {}).items() if key != "seeds")]
 
     def seeds_of(self, cell: Dict[str, Any]) -> list:
         return list(self.narrow.get(cell.get("training"), {}).get("seeds", self.seeds))
@@ -97,7 +95,6 @@ class Study:
         if "training" in cell:
             flags.update(self.training[cell["training"]])
         return flags
-
 
 
 def _point(values: Dict[str, Any], flags: Dict[str, Any]) -> GridPoint:
@@ -163,12 +160,12 @@ def final_stage(study: Study, choices: Dict[str, Any]) -> Stage:
     return Stage(f"{study.name}-final", study.dataset, points)
 
 
-def autoattack_stage(study: Study, final: Stage, out: Path, attack: str = "autoattack") -> Stage:
-    """``--eval-only`` of every finished final model under AutoAttack (same images, same radius and norm),
-    except the models whose robust evaluation is off (``eval-robust-size: 0``, e.g. the CIFAR-10 study's
-    clean-trained models: 0% at any radius worth reporting, and AutoAttack through the scattering is the
-    costliest part of a run). ``attack`` is the study's ``autoattack`` setting (``apgd``: the white-box pair)."""
-    return evaluation_stage(attacked(final), out, attack, name=f"{study.name}-autoattack")
+def autoattack_stage(study: Study, final: Stage, out: Path) -> Stage:
+    """``--eval-only`` of every finished final model under the study's ``autoattack`` (AutoAttack, or ``apgd``:
+    its white-box pair; same images, same radius and norm), except the models whose robust evaluation is off
+    (``eval-robust-size: 0``, e.g. the CIFAR-10 study's clean-trained models: 0% at any radius worth reporting,
+    and an attack through the scattering is the costliest part of a run)."""
+    return evaluation_stage(attacked(final), out, study.autoattack, name=f"{study.name}-autoattack")
 
 
 def attacked(final: Stage) -> Stage:
@@ -191,8 +188,7 @@ def run_study(study: Study, *, out: Path, jobs: int, wandb_mode: str = "offline"
     final = final_stage(study, choices)
     report["final"] = run_sweep(final, out=out, jobs=jobs, extra=[], wandb_mode=wandb_mode)
     if study.autoattack and not report["final"]["stopped_by"]:
-        report["autoattack"] = run_sweep(autoattack_stage(study, final, out, study.autoattack), out=out, jobs=jobs,
-                                         extra=[],
+        report["autoattack"] = run_sweep(autoattack_stage(study, final, out), out=out, jobs=jobs, extra=[],
                                          wandb_mode=wandb_mode)
     return report
 
@@ -230,9 +226,10 @@ def load_study(path) -> Study:
                   tune=tuned, tune_seed=int(tune_seed), seeds=list(raw["seeds"]), fixed=fixed,
                   autoattack=_final_attack(path, raw.get("autoattack", True)), borrow_tuning=dict(borrow),
                   narrow=dict(narrow))
-    for cell in study.cell_values():  # a borrowing cell needs its lender among the cells
+    cells = study.cell_values()
+    for cell in cells:  # a borrowing cell needs its lender among the cells
         lender = borrow.get(cell.get("training"))
-        if lender is not None and {**cell, "training": lender} not in study.cell_values():
+        if lender is not None and {**cell, "training": lender} not in cells:
             raise UserError(f"study file {path}: {_run_id(cell)} borrows from a cell the study does not run")
     return study
 
@@ -249,10 +246,12 @@ def _final_attack(path: Path, setting) -> Optional[str]:
 
 def _tuned(path: Path, flag: str, spec, cells: Dict[str, list]) -> Tuned:
     """A ``tune`` entry: a flag's list of values, or ``{values: [...], when: {cell key: [values]}}``."""
-    values, when = (spec, {}) if isinstance(spec, list) else \
-        (spec.get("values"), spec.get("when") or {}) if isinstance(spec, dict) else (None, {})
-    if not isinstance(values, list) or not values or not all(isinstance(v, list) and k in cells
-                                                             for k, v in when.items()):
+    if isinstance(spec, dict):
+        values, when = spec.get("values"), spec.get("when") or {}
+    else:
+        values, when = spec, {}
+    well_formed = isinstance(values, list) and values and isinstance(when, dict)
+    if not well_formed or not all(isinstance(v, list) and k in cells for k, v in when.items()):
         raise UserError(f"study file {path}: tune.{flag} is a list of values, or values and a when that names "
                         f"cell keys and their lists, got {spec}")
     return Tuned(flag, list(values), dict(when))

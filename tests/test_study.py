@@ -215,7 +215,7 @@ def test_a_flag_tuned_in_some_cells_and_a_training_narrowed_to_fit(tmp_path):
         run = tmp_path / "narrow-study-final" / point.run_id
         run.mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps({"status": "finished", "test_acc": 50.0}))
-    attacked = autoattack_stage(study, Stage("narrow-study-final", "cifar10", final), tmp_path, study.autoattack)
+    attacked = autoattack_stage(study, Stage("narrow-study-final", "cifar10", final), tmp_path)
     assert sorted(p.run_id for p in attacked.points()) == sorted(p.run_id for p in robust_runs)
     assert {p.flags["eval-attack"] for p in attacked.points()} == {"apgd"}
 
