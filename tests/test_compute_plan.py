@@ -83,3 +83,14 @@ def test_the_committed_cifar10_study_plan_fits_its_budget_with_the_clean_arm_com
     assert plan.budget_hours == 20 and 0 < plan.hours() <= plan.budget_hours
     final = next(s for s in plan.stages if s.name == "final").runs()
     assert final["clean"] == 4 * 3 * 3  # every norm at every epsilon, 3 seeds
+
+
+def test_the_gpu_estimate_of_the_resnet_study_counts_its_135_runs_and_readme_quotes_its_total(monkeypatch):
+    """README's GPU cost of cifar10_study_v2 is the plan's total, and the plan counts the runs the study makes:
+    3 norms x 3 noises x (2 tuned trainings x 3 learning rates + 3 trainings x 3 seeds)."""
+    monkeypatch.chdir(ROOT)
+    plan = load_plan("experiments/plans/gpu_cifar10_study_v2.yaml")
+    runs = {stage.name: sum(stage.runs().values()) for stage in plan.stages}
+    assert runs == {"tune": 9 * 2 * 3, "final": 9 * 3 * 3, "autoattack": 9 * 3 * 3}
+    assert runs["tune"] + runs["final"] == 135
+    assert f"about {plan.hours():.0f} GPU-hours" in (ROOT / "README.md").read_text()
