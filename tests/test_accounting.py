@@ -49,3 +49,26 @@ def test_a_run_that_took_no_step_has_spent_nothing(accountant):
     the empty history, hiding the run's own error behind an IndexError)."""
     assert epsilon_from_history(accountant, [], 1e-5) == 0.0
     assert gdp_approximation([], 1e-5) == 0.0 and epsilon_by_accountant([], 1e-5) == {"rdp": 0.0, "prv": 0.0}
+
+
+def test_the_registered_rdp_accountant_is_opacuss_bit_for_bit_and_computes_each_step_once():
+    """Opacus's ``rdp`` mechanism is src.accounting's memoizing accountant, and its epsilon equals Opacus's own
+    RDPAccountant's exactly (not approximately) on one- and several-entry histories (bn-dp's prelude, a changed
+    noise), at Opacus's orders and ours; asking again at a known noise and rate computes no RDP anew."""
+    from opacus.accountants import RDPAccountant, create_accountant
+
+    from src.accounting import RDP_ORDERS, OneStepMemoRDPAccountant, rdp_of_one_step
+
+    assert type(create_accountant(mechanism="rdp")) is OneStepMemoRDPAccountant
+    histories = [[(1.1, 0.01, 1000)], [(8.0, 1.0, 2), (1.6, 0.25, 8)], [(2.0, 0.004, 7), (0.9, 0.004, 13)],
+                 [(20.0, 0.25, 40)]]
+    for history in histories:
+        for orders in (None, RDP_ORDERS):
+            ours, theirs = OneStepMemoRDPAccountant(), RDPAccountant()
+            ours.history, theirs.history = list(history), list(history)
+            assert ours.get_privacy_spent(delta=1e-5, alphas=orders) == \
+                theirs.get_privacy_spent(delta=1e-5, alphas=orders), (history, orders)
+    computed = rdp_of_one_step.cache_info().misses
+    for steps in (1, 10, 100):
+        epsilon_from_history("rdp", [(1.6, 0.25, steps)], 1e-5)
+    assert rdp_of_one_step.cache_info().misses == computed, "the one-step RDP of (1.6, 0.25) was cached above"
